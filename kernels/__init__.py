@@ -1,0 +1,1 @@
+"""Flash-LoRA attention kernels in Triton behind FlashInfer-style plan()/run() wrappers."""
