@@ -1,0 +1,286 @@
+"""Flash-LoRA split-KV decode: one query token per request over a paged KV + LR cache.
+
+    O = softmax(q K^T * scale) (V_base + L B) = P V_base + (P L) B
+
+Stage 1 (``_decode_split_kernel``): grid ``(batch, head blocks, splits)``. A program takes
+one request, the query heads of one kv-head (all of the GQA group, up to ``BLOCK_H``), and
+one contiguous chunk of the request's tokens. It streams K, V_base and L once through an
+online softmax with two accumulators, ``acc = P V_base`` ``[BLOCK_H, D]`` and
+``acc_lr = P L`` ``[BLOCK_H, R_pad]``, and writes both (normalised) plus the split's LSE
+to the workspace.
+
+Stage 2 (``_decode_combine_kernel``): grid ``(batch, head blocks)``. Merges the splits
+with their LSE weights and applies the adapter once: ``O = acc + acc_lr @ B``. B is applied
+after the combine (exact, since the combine is linear) so it is read once per
+(request, kv-head) rather than once per split.
+
+Splitting: each request's tokens are cut into ``num_splits`` chunks of
+``round_up(ceil(kv_len / num_splits), BLOCK_N)`` tokens (chunks past the end are empty and
+their programs exit at once). Everything is derived on the device from ``kv_indptr``, so
+a launch needs no host sync and no allocation (CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_head_dim, dot_precision, padded_rank, score_scale, soft_cap
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes and launch options of the split kernel."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_decode_config(device: torch.device) -> DecodeConfig:
+    """Small tiles under the interpreter (fast on CPU, still several tiles per split)."""
+    if device.type != "cuda":
+        return DecodeConfig(block_n=16, num_warps=1, num_stages=1)
+    return DecodeConfig()
+
+
+def head_block(group: int) -> int:
+    """Query heads per program: the GQA group (padded to a tl.dot-able 16), at most 64."""
+    return max(16, min(64, triton.next_power_of_2(group)))
+
+
+@triton.jit
+def _split_bounds(kv_indptr, b, split, num_splits, BLOCK_N: tl.constexpr):
+    """Start of request b's tokens in kv_indices, its length, and split `split`'s range."""
+    kv_start = tl.load(kv_indptr + b)
+    kv_len = tl.load(kv_indptr + b + 1) - kv_start
+    chunk = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, kv_len)
+    return kv_start, kv_len, chunk, lo, hi
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, L,
+    kv_indptr, kv_indices, lr_indices, adapter_ids,
+    MidO, MidLR, MidLSE,
+    pre_scale, post_scale, logit_cap, num_splits,
+    stride_qb, stride_qh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
+    stride_mo_b, stride_mo_s, stride_mo_h,
+    stride_ml_b, stride_ml_s, stride_ml_h,
+    stride_me_b, stride_me_s,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    head_blk = tl.program_id(1)
+    split = tl.program_id(2)
+
+    blocks_per_kv: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
+    kv_head = head_blk // blocks_per_kv
+    in_group = (head_blk % blocks_per_kv) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = in_group < GROUP
+    heads = kv_head * GROUP + in_group
+
+    kv_start, kv_len, chunk, lo, hi = _split_bounds(kv_indptr, b, split, num_splits, BLOCK_N)
+    if lo >= hi:
+        return
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, BLOCK_R)
+    # Padded head rows load q = 0: their scores stay finite and they are never stored.
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None], other=0.0)
+
+    if HAS_LR:
+        use_lr = tl.load(adapter_ids + b) >= 0
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    acc_lr = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        slot = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
+
+        k = tl.load(K + slot[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
+                    mask=mask_n[None, :], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PREC) * pre_scale
+        if USE_CAP:
+            s = soft_cap(s, logit_cap)
+        s = tl.where(mask_n[None, :], s * post_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+
+        if HAS_LR:
+            # A request without an adapter masks every L load off: no bytes move for it.
+            mask_lr = mask_n & use_lr
+            lr_slot = tl.load(lr_indices + kv_start + offs_n, mask=mask_lr, other=0).to(tl.int64)
+            lr = tl.load(L + lr_slot[:, None] * stride_lt + offs_r[None, :],
+                         mask=mask_lr[:, None] & (offs_r[None, :] < RANK), other=0.0)
+            acc_lr = acc_lr * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
+        m_i = m_new
+
+    inv_l = 1.0 / l_i
+    tl.store(MidO + b * stride_mo_b + split * stride_mo_s + heads[:, None] * stride_mo_h
+             + offs_d[None, :], acc * inv_l[:, None], mask=mask_h[:, None])
+    tl.store(MidLSE + b * stride_me_b + split * stride_me_s + heads, m_i + tl.log2(l_i),
+             mask=mask_h)
+    if HAS_LR:
+        tl.store(MidLR + b * stride_ml_b + split * stride_ml_s + heads[:, None] * stride_ml_h
+                 + offs_r[None, :], acc_lr * inv_l[:, None], mask=mask_h[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(
+    MidO, MidLR, MidLSE, O, Bw,
+    kv_indptr, adapter_ids, num_splits,
+    stride_mo_b, stride_mo_s, stride_mo_h,
+    stride_ml_b, stride_ml_s, stride_ml_h,
+    stride_me_b, stride_me_s,
+    stride_ob, stride_oh,
+    stride_ba, stride_bh, stride_br,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LR: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    head_blk = tl.program_id(1)
+
+    blocks_per_kv: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
+    kv_head = head_blk // blocks_per_kv
+    in_group = (head_blk % blocks_per_kv) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = in_group < GROUP
+    heads = kv_head * GROUP + in_group
+
+    kv_start, kv_len, chunk, lo, hi = _split_bounds(kv_indptr, b, 0, num_splits, BLOCK_N)
+    n_active = tl.cdiv(kv_len, tl.maximum(chunk, 1))
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    acc_lr = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+
+    for split in range(0, n_active):
+        lse = tl.load(MidLSE + b * stride_me_b + split * stride_me_s + heads,
+                      mask=mask_h, other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        l_i = l_i * alpha + w
+        o_s = tl.load(MidO + b * stride_mo_b + split * stride_mo_s + heads[:, None] * stride_mo_h
+                      + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        if HAS_LR:
+            lr_s = tl.load(MidLR + b * stride_ml_b + split * stride_ml_s
+                           + heads[:, None] * stride_ml_h + offs_r[None, :],
+                           mask=mask_h[:, None], other=0.0)
+            acc_lr = acc_lr * alpha[:, None] + w[:, None] * lr_s
+        m_i = m_new
+
+    # An empty request (kv_len == 0) has no splits: write zeros rather than 0 / 0.
+    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    out = acc * inv_l[:, None]
+    if HAS_LR:
+        adapter = tl.load(adapter_ids + b)
+        bw = tl.load(Bw + tl.maximum(adapter, 0).to(tl.int64) * stride_ba + kv_head * stride_bh
+                     + offs_r[:, None] * stride_br + offs_d[None, :],
+                     mask=(offs_r[:, None] < RANK) & (adapter >= 0), other=0.0)
+        out += tl.dot(acc_lr * inv_l[:, None], bw.to(tl.float32), input_precision=DOT_PREC)
+    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=mask_h[:, None])
+
+
+def flash_lora_decode(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    out: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    mid_o: torch.Tensor,
+    mid_lse: torch.Tensor,
+    num_splits: int,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    lr_buffer: torch.Tensor | None = None,
+    lr_indices: torch.Tensor | None = None,
+    b_weights: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
+    mid_lr: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Launch both stages; no allocation, no host sync.
+
+    Shapes: q, out ``[batch, H_q, D]``; k/v_buffer ``[slots, H_kv, D]``;
+    kv_indptr ``[batch + 1]``; kv_indices / lr_indices ``[kv_indptr[-1]]``;
+    lr_buffer ``[lr_slots, R]``; b_weights ``[n_adapters, H_kv, R, D]``; adapter_ids
+    ``[batch]`` int32 (-1: none). Workspace: mid_o ``[batch, >= num_splits, H_q, D]`` fp32,
+    mid_lse ``[batch, >= num_splits, H_q]`` fp32, mid_lr ``[batch, >= num_splits, H_q, R_pad]``
+    fp32. The LR term is on when lr_buffer is given (then all LR arguments are needed).
+    """
+    batch, n_qo, head_dim = q.shape
+    n_kv = k_buffer.shape[1]
+    check_head_dim(head_dim)
+    group = n_qo // n_kv
+    block_h = head_block(group)
+    grid_heads = n_kv * triton.cdiv(group, block_h)
+    cfg = config or default_decode_config(q.device)
+    prec = dot_precision(q.dtype)
+    pre, post = score_scale(sm_scale, logit_cap)
+
+    has_lr = lr_buffer is not None
+    if has_lr:
+        rank = lr_buffer.shape[1]
+        block_r = padded_rank(rank)
+        lr_strides = (lr_buffer.stride(0),)
+        ml_strides = (mid_lr.stride(0), mid_lr.stride(1), mid_lr.stride(2))
+        b_strides = (b_weights.stride(0), b_weights.stride(1), b_weights.stride(2))
+    else:
+        rank, block_r = 1, 16
+        lr_buffer, lr_indices, adapter_ids, mid_lr, b_weights = v_buffer, kv_indices, kv_indptr, mid_o, v_buffer
+        lr_strides, ml_strides, b_strides = (0,), (0, 0, 0), (0, 0, 0)
+
+    common = dict(GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=block_r,
+                  BLOCK_N=cfg.block_n, HAS_LR=has_lr, DOT_PREC=prec)
+    _decode_split_kernel[(batch, grid_heads, num_splits)](
+        q, k_buffer, v_buffer, lr_buffer,
+        kv_indptr, kv_indices, lr_indices, adapter_ids,
+        mid_o, mid_lr, mid_lse,
+        pre, post, logit_cap, num_splits,
+        q.stride(0), q.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        *lr_strides,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        *ml_strides,
+        mid_lse.stride(0), mid_lse.stride(1),
+        USE_CAP=logit_cap > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
+    _decode_combine_kernel[(batch, grid_heads)](
+        mid_o, mid_lr, mid_lse, out, b_weights,
+        kv_indptr, adapter_ids, num_splits,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        *ml_strides,
+        mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        *b_strides,
+        num_warps=4 if q.device.type == "cuda" else 1, **common,
+    )
+    return out

@@ -1,0 +1,246 @@
+"""Flash-LoRA extend (prefill with a cached prefix) over a paged KV + LR cache.
+
+    O = softmax(q K^T * scale, causal) (V_base + L B) = P V_base + (P L) B
+
+Each request b has ``prefix_len = kv_indptr[b+1] - kv_indptr[b]`` cached tokens, read from
+the pools through ``kv_indices`` (K, V_base) and ``lr_indices`` (L), and
+``extend_len = qo_indptr[b+1] - qo_indptr[b]`` new tokens. Like SGLang's
+``extend_attention_fwd``, the new tokens' K, V_base and L rows are passed as dense ragged
+tensors (rows ``qo_indptr[b] : qo_indptr[b+1]``): the attention backend holds them anyway
+when it writes them into the pools, and reading them densely is coalesced. So kv_indices /
+lr_indices list the PREFIX only.
+
+Grid ``(query blocks, H_q, batch)``; a program owns ``BLOCK_M`` new tokens of one query
+head, streams the prefix tiles, then the new tokens up to its causal diagonal (tiles wholly
+below the diagonal skip the mask), keeping ``acc = P V_base`` and ``acc_lr = P L`` under one
+online softmax, and finishes with ``O = (acc + acc_lr @ B) / l`` (B read once per program).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_head_dim, dot_precision, padded_rank, score_scale, soft_cap
+
+
+@dataclass(frozen=True)
+class ExtendConfig:
+    """Tile sizes and launch options of the extend kernel (BLOCK_N must divide BLOCK_M)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def default_extend_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> ExtendConfig:
+    """Hopper-sized tiles for 16-bit inputs, smaller ones for fp32 and the interpreter."""
+    if device.type != "cuda":
+        return ExtendConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return ExtendConfig(block_m=128, block_n=64, num_warps=4, num_stages=2)
+    return ExtendConfig()
+
+
+@triton.jit
+def _attend_tile(q, k, v, lr, mask_s, m_i, l_i, acc, acc_lr,
+                 pre_scale, post_scale, logit_cap,
+                 USE_CAP: tl.constexpr, HAS_LR: tl.constexpr, APPLY_MASK: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N] tile of keys for a [BLOCK_M] tile of queries."""
+    s = tl.dot(q, k, input_precision=DOT_PREC) * pre_scale
+    if USE_CAP:
+        s = soft_cap(s, logit_cap)
+    s = s * post_scale
+    if APPLY_MASK:
+        s = tl.where(mask_s, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    if HAS_LR:
+        acc_lr = acc_lr * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
+    return m_new, l_i, acc, acc_lr
+
+
+@triton.jit
+def _extend_kernel(
+    Q, KExt, VExt, LExt, O,
+    K, V, L, Bw,
+    qo_indptr, kv_indptr, kv_indices, lr_indices, adapter_ids,
+    pre_scale, post_scale, logit_cap,
+    stride_qt, stride_qh, stride_ket, stride_keh, stride_vet, stride_veh, stride_let,
+    stride_ot, stride_oh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
+    stride_ba, stride_bh, stride_br,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Heaviest (last, longest causal range) query blocks are scheduled first.
+    m_blk = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    kv_head = head // GROUP
+
+    qo_start = tl.load(qo_indptr + b).to(tl.int64)
+    ext_len = (tl.load(qo_indptr + b + 1) - qo_start).to(tl.int32)
+    if m_blk * BLOCK_M >= ext_len:
+        return
+    pre_start = tl.load(kv_indptr + b).to(tl.int64)
+    pre_len = (tl.load(kv_indptr + b + 1) - pre_start).to(tl.int32)
+
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < ext_len
+    q = tl.load(Q + (qo_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+
+    use_lr = False
+    if HAS_LR:
+        adapter = tl.load(adapter_ids + b)
+        use_lr = adapter >= 0
+    mask_r = offs_r[None, :] < RANK
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc_lr = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    lr = tl.zeros([BLOCK_N, BLOCK_R], L.dtype.element_ty)  # placeholder when HAS_LR is off
+
+    # 1) cached prefix, gathered from the pools (every prefix token precedes every query).
+    for start in range(0, pre_len, BLOCK_N):
+        pos = start + offs_n
+        mask_n = pos < pre_len
+        slot = tl.load(kv_indices + pre_start + pos, mask=mask_n, other=0).to(tl.int64)
+        k = tl.load(K + slot[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
+                    mask=mask_n[None, :], other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)
+        if HAS_LR:
+            mask_lr = mask_n & use_lr
+            lr_slot = tl.load(lr_indices + pre_start + pos, mask=mask_lr, other=0).to(tl.int64)
+            lr = tl.load(L + lr_slot[:, None] * stride_lt + offs_r[None, :],
+                         mask=mask_lr[:, None] & mask_r, other=0.0)
+        m_i, l_i, acc, acc_lr = _attend_tile(
+            q, k, v, lr, mask_n[None, :], m_i, l_i, acc, acc_lr, pre_scale, post_scale,
+            logit_cap, USE_CAP, HAS_LR, True, DOT_PREC)
+
+    # 2) new tokens strictly below this block's diagonal: all visible, no mask.
+    diag = m_blk * BLOCK_M
+    for start in range(0, diag, BLOCK_N):
+        pos = start + offs_n
+        k = tl.load(KExt + (qo_start + pos)[None, :] * stride_ket + kv_head * stride_keh
+                    + offs_d[:, None])
+        v = tl.load(VExt + (qo_start + pos)[:, None] * stride_vet + kv_head * stride_veh
+                    + offs_d[None, :])
+        if HAS_LR:
+            lr = tl.load(LExt + (qo_start + pos)[:, None] * stride_let + offs_r[None, :],
+                         mask=mask_r & use_lr, other=0.0)
+        m_i, l_i, acc, acc_lr = _attend_tile(
+            q, k, v, lr, None, m_i, l_i, acc, acc_lr, pre_scale, post_scale,
+            logit_cap, USE_CAP, HAS_LR, False, DOT_PREC)
+
+    # 3) the diagonal block: causal mask (and the ragged end of the request).
+    hi = tl.minimum(diag + BLOCK_M, ext_len)
+    for start in range(diag, hi, BLOCK_N):
+        pos = start + offs_n
+        mask_n = pos < ext_len
+        k = tl.load(KExt + (qo_start + pos)[None, :] * stride_ket + kv_head * stride_keh
+                    + offs_d[:, None], mask=mask_n[None, :], other=0.0)
+        v = tl.load(VExt + (qo_start + pos)[:, None] * stride_vet + kv_head * stride_veh
+                    + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        if HAS_LR:
+            lr = tl.load(LExt + (qo_start + pos)[:, None] * stride_let + offs_r[None, :],
+                         mask=mask_n[:, None] & mask_r & use_lr, other=0.0)
+        causal = (offs_m[:, None] >= pos[None, :]) & mask_n[None, :]
+        m_i, l_i, acc, acc_lr = _attend_tile(
+            q, k, v, lr, causal, m_i, l_i, acc, acc_lr, pre_scale, post_scale,
+            logit_cap, USE_CAP, HAS_LR, True, DOT_PREC)
+
+    if HAS_LR:
+        bw = tl.load(Bw + tl.maximum(adapter, 0).to(tl.int64) * stride_ba + kv_head * stride_bh
+                     + offs_r[:, None] * stride_br + offs_d[None, :],
+                     mask=(offs_r[:, None] < RANK) & use_lr, other=0.0)
+        acc += tl.dot(acc_lr, bw.to(tl.float32), input_precision=DOT_PREC)
+    out = acc / l_i[:, None]
+    tl.store(O + (qo_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=mask_m[:, None])
+
+
+def flash_lora_extend(
+    q: torch.Tensor,
+    k_extend: torch.Tensor,
+    v_extend: torch.Tensor,
+    out: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    max_extend_len: int,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    lr_extend: torch.Tensor | None = None,
+    lr_buffer: torch.Tensor | None = None,
+    lr_indices: torch.Tensor | None = None,
+    b_weights: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
+    config: ExtendConfig | None = None,
+) -> torch.Tensor:
+    """Launch the extend kernel; no host sync.
+
+    Shapes: q, out ``[n_extend, H_q, D]``; k/v_extend ``[n_extend, H_kv, D]``; lr_extend
+    ``[n_extend, R]`` (rows ragged by qo_indptr ``[batch + 1]``); k/v_buffer
+    ``[slots, H_kv, D]``, lr_buffer ``[lr_slots, R]`` with the prefix listed in
+    kv_indices / lr_indices (ragged by kv_indptr ``[batch + 1]``); b_weights
+    ``[n_adapters, H_kv, R, D]``; adapter_ids ``[batch]`` int32 (-1: none). The LR term is on
+    when lr_buffer is given (then all LR arguments are needed).
+    """
+    n_qo, head_dim = q.shape[1], q.shape[2]
+    n_kv = k_buffer.shape[1]
+    check_head_dim(head_dim)
+    batch = qo_indptr.shape[0] - 1
+    cfg = config or default_extend_config(q.device, q.dtype, head_dim)
+    prec = dot_precision(q.dtype)
+    pre, post = score_scale(sm_scale, logit_cap)
+
+    has_lr = lr_buffer is not None
+    if has_lr:
+        rank = lr_buffer.shape[1]
+        lr_args = (lr_extend.stride(0),)
+        lr_pool = (lr_buffer.stride(0),)
+        b_strides = (b_weights.stride(0), b_weights.stride(1), b_weights.stride(2))
+    else:
+        rank = 1
+        lr_extend, lr_buffer, lr_indices, b_weights, adapter_ids = v_extend, v_buffer, kv_indices, v_buffer, kv_indptr
+        lr_args, lr_pool, b_strides = (0,), (0,), (0, 0, 0)
+
+    grid = (triton.cdiv(max_extend_len, cfg.block_m), n_qo, batch)
+    if grid[0] == 0 or batch == 0:
+        return out
+    _extend_kernel[grid](
+        q, k_extend, v_extend, lr_extend, out,
+        k_buffer, v_buffer, lr_buffer, b_weights,
+        qo_indptr, kv_indptr, kv_indices, lr_indices, adapter_ids,
+        pre, post, logit_cap,
+        q.stride(0), q.stride(1), k_extend.stride(0), k_extend.stride(1),
+        v_extend.stride(0), v_extend.stride(1), *lr_args,
+        out.stride(0), out.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), *lr_pool,
+        *b_strides,
+        GROUP=n_qo // n_kv, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=padded_rank(rank),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_LR=has_lr, USE_CAP=logit_cap > 0, DOT_PREC=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
