@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-SCHEMES = ("non-shared", "full-shared", "base-shared", "base-lr-shared")
+

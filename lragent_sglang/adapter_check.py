@@ -1,0 +1,80 @@
+"""Check LoRA adapters against a model before the server loads them.
+
+SGLang reports a missing adapter or an unknown target module from deep inside the
+scheduler process; these checks run first and fail with one line naming the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lragent_sglang.adapters import LlamaShapes
+
+# SGLang fuses projections under these names; PEFT adapters may target either spelling.
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message names it and the problem."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the server needs to know about one adapter."""
+
+    name: str
+    path: Path
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+
+def _targets(raw: object, shapes: LlamaShapes) -> tuple[str, ...]:
+    if raw == "all-linear":
+        return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    if isinstance(raw, str):
+        raw = [raw]
+    modules: list[str] = []
+    for module in raw or ():
+        modules.extend(_FUSED.get(module, (module,)))
+    return tuple(sorted(set(modules)))
+
+
+def read_adapter(name: str, path: str | Path, model_path: str | Path) -> AdapterInfo:
+    """Read and check one adapter; AdapterError if it cannot be served with this model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter {name!r}: path {str(path)!r} does not exist or is not a folder")
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise AdapterError(f"adapter {name!r}: {str(path)!r} has no adapter_config.json")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise AdapterError(f"adapter {name!r}: {str(path)!r} has no {' or '.join(_WEIGHT_FILES)}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON ({exc})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    shapes = LlamaShapes.from_checkpoint(Path(model_path))
+    modules = _targets(cfg.get("target_modules"), shapes)
+    if not modules:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json names no target_modules")
+    for module in modules:
+        try:
+            shapes.in_out(module)
+        except ValueError:
+            raise AdapterError(
+                f"adapter {name!r} targets module {module!r}, which the model at "
+                f"{str(model_path)!r} does not have"
+            ) from None
+    return AdapterInfo(
+        name=name,
+        path=path,
+        rank=int(cfg.get("r", 0)),
+        alpha=float(cfg.get("lora_alpha", cfg.get("r", 1))),
+        target_modules=modules,
+    )
