@@ -1,7 +1,7 @@
 """Float64 torch reference for Flash-LoRA attention: materialises V = V_base + L B.
 
 Slow and simple on purpose (a Python loop over requests); the tests compare the Triton
-kernels against it.
+kernels against it. A request without an adapter (-1) never touches the LR cache.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
     return torch.einsum("hmn,nhd->mhd", p, v)
 
 
-def _values(v_base: torch.Tensor, lr: torch.Tensor, b_weights: torch.Tensor | None,
+def _values(v_base: torch.Tensor, lr: torch.Tensor | None, b_weights: torch.Tensor | None,
             adapter: int) -> torch.Tensor:
     """V = V_base + L B for one request (``[N, H_kv, D]``), or V_base without an adapter."""
-    if b_weights is None or adapter < 0:
+    if adapter < 0:
         return v_base
     return v_base + torch.einsum("nr,hrd->nhd", lr, b_weights[adapter].double())
 
@@ -53,10 +53,9 @@ def extend_reference(
         slots = kv_indices[kv[b]:kv[b + 1]].long()
         k = torch.cat([k_buffer[slots], k_extend[ext]]).double()
         v_base = torch.cat([v_buffer[slots], v_extend[ext]]).double()
-        adapter = -1
+        adapter = int(adapter_ids[b]) if lr_buffer is not None else -1
         lr = None
-        if lr_buffer is not None:
-            adapter = int(adapter_ids[b])
+        if adapter >= 0:
             lr_slots = lr_indices[kv[b]:kv[b + 1]].long()
             lr = torch.cat([lr_buffer[lr_slots], lr_extend[ext]]).double()
         v = _values(v_base, lr, b_weights, adapter)
@@ -81,10 +80,9 @@ def decode_reference(
             continue
         slots = kv_indices[kv[b]:kv[b + 1]].long()
         k = k_buffer[slots].double()
-        adapter = -1
+        adapter = int(adapter_ids[b]) if lr_buffer is not None else -1
         lr = None
-        if lr_buffer is not None:
-            adapter = int(adapter_ids[b])
+        if adapter >= 0:
             lr = lr_buffer[lr_indices[kv[b]:kv[b + 1]].long()].double()
         v = _values(v_buffer[slots].double(), lr, b_weights, adapter)
         out[b] = _attend(q[b:b + 1].double(), k, v, sm_scale, logit_cap, len(slots) - 1)[0]

@@ -1,0 +1,306 @@
+"""Flash-LoRA kernels against the float64 reference that materialises V = V_base + L B.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (set here, before triton is first
+imported by the kernels) with tiny fp32 shapes; `gpu` tests take larger shapes in bf16,
+fp16 and fp32. Every output is poisoned with NaN before a run, so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lragent_sglang.kernels import (  # noqa: E402  (the env var must be set first)
+    FlashLoRADecodeWrapper,
+    FlashLoRAExtendWrapper,
+    decode_reference,
+    extend_reference,
+)
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+GPU = pytest.mark.gpu
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Problem:
+    """A random paged batch: pools with shuffled slots, per-request prefix and new tokens."""
+
+    q: torch.Tensor
+    k_extend: torch.Tensor
+    v_extend: torch.Tensor
+    lr_extend: torch.Tensor
+    k_buffer: torch.Tensor
+    v_buffer: torch.Tensor
+    lr_buffer: torch.Tensor
+    b_weights: torch.Tensor
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    lr_indices: torch.Tensor
+    adapter_ids: torch.Tensor
+
+
+def make_problem(prefix_lens: list[int], extend_lens: list[int], adapters: list[int], *,
+                 n_qo: int, n_kv: int, head_dim: int, rank: int, dtype: torch.dtype,
+                 n_adapters: int = 3, seed: int = 0, device: str = DEV) -> Problem:
+    """Pools hold the prefixes at random, non-contiguous slots (K/V and LR pools differ)."""
+    g = torch.Generator().manual_seed(seed)
+    total_prefix = sum(prefix_lens)
+    n_ext = sum(extend_lens)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+    kv_slots = total_prefix + 7
+    lr_slots = total_prefix + 13
+    kv_perm = torch.randperm(kv_slots, generator=g)[:total_prefix]
+    lr_perm = torch.randperm(lr_slots, generator=g)[:total_prefix]
+    to_ptr = lambda lens: torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    return Problem(
+        q=rnd(n_ext if n_ext else len(prefix_lens), n_qo, head_dim),
+        k_extend=rnd(n_ext, n_kv, head_dim),
+        v_extend=rnd(n_ext, n_kv, head_dim),
+        lr_extend=rnd(n_ext, rank),
+        k_buffer=rnd(kv_slots, n_kv, head_dim),
+        v_buffer=rnd(kv_slots, n_kv, head_dim),
+        lr_buffer=rnd(lr_slots, rank),
+        # L B about as large as V_base, so an error in the LR term shows up.
+        b_weights=rnd(n_adapters, n_kv, rank, head_dim, scale=rank ** -0.5),
+        qo_indptr=to_ptr(extend_lens).to(device),
+        kv_indptr=to_ptr(prefix_lens).to(device),
+        kv_indices=kv_perm.to(device=device, dtype=torch.int32),
+        lr_indices=lr_perm.to(device=device, dtype=torch.int32),
+        adapter_ids=torch.tensor(adapters, dtype=torch.int32, device=device),
+    )
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN output"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def run_decode(p: Problem, *, lr: bool = True, cap: float = 0.0, splits: int | None = None,
+               b_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n_qo, head_dim = p.q.shape[1], p.q.shape[2]
+    w = FlashLoRADecodeWrapper(n_qo, p.k_buffer.shape[1], head_dim, device=p.q.device,
+                               max_lr_rank=p.lr_buffer.shape[1], workspace_rows=64)
+    w._mid_o.fill_(float("nan"))
+    w._mid_lr.fill_(float("nan"))
+    w._mid_lse.fill_(float("nan"))
+    lr_plan = (p.lr_indices, p.adapter_ids) if lr else (None, None)
+    w.plan(p.kv_indptr, p.kv_indices, *lr_plan, logit_cap=cap, num_kv_splits=splits)
+    out = torch.full_like(p.q, float("nan"))
+    bw = p.b_weights if b_weights is None else b_weights
+    lr_run = (p.lr_buffer, bw) if lr else (None, None)
+    w.run(p.q, p.k_buffer, p.v_buffer, *lr_run, out=out)
+    ref = decode_reference(p.q, p.k_buffer, p.v_buffer, p.kv_indptr, p.kv_indices,
+                           head_dim ** -0.5, cap, *(
+                               (p.lr_buffer, p.lr_indices, bw, p.adapter_ids) if lr else ()))
+    return out, ref
+
+
+def run_extend(p: Problem, *, lr: bool = True, cap: float = 0.0,
+               b_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n_qo, head_dim = p.q.shape[1], p.q.shape[2]
+    w = FlashLoRAExtendWrapper(n_qo, p.k_buffer.shape[1], head_dim, device=p.q.device)
+    lr_plan = (p.lr_indices, p.adapter_ids) if lr else (None, None)
+    w.plan(p.qo_indptr, p.kv_indptr, p.kv_indices, *lr_plan, logit_cap=cap)
+    out = torch.full_like(p.q, float("nan"))
+    bw = p.b_weights if b_weights is None else b_weights
+    lr_run = (p.lr_extend, p.lr_buffer, bw) if lr else (None, None, None)
+    w.run(p.q, p.k_extend, p.v_extend, p.k_buffer, p.v_buffer, *lr_run, out=out)
+    ref = extend_reference(p.q, p.k_extend, p.v_extend, p.k_buffer, p.v_buffer, p.qo_indptr,
+                           p.kv_indptr, p.kv_indices, head_dim ** -0.5, cap, *(
+                               (p.lr_extend, p.lr_buffer, p.lr_indices, bw, p.adapter_ids)
+                               if lr else ()))
+    return out, ref
+
+
+# A sample of the (group, head_dim, rank, logit cap) grid that still touches every value;
+# CPU shapes stay tiny because the interpreter runs each program in Python.
+CPU_CASES = [
+    # group, n_kv, head_dim, rank, cap
+    (1, 2, 64, 8, 0.0),
+    (4, 2, 128, 24, 0.0),
+    (8, 1, 64, 1, 5.0),
+    (4, 1, 64, 64, 0.0),
+    (1, 1, 128, 16, 3.0),
+]
+
+
+@pytest.mark.parametrize("group,n_kv,head_dim,rank,cap", CPU_CASES)
+def test_decode_cpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float) -> None:
+    p = make_problem([1, 45, 70, 9], [1, 1, 1, 1], [0, -1, 2, 1], n_qo=group * n_kv, n_kv=n_kv,
+                     head_dim=head_dim, rank=rank, dtype=torch.float32, seed=rank)
+    p.q = p.q[:4]
+    for splits in (None, 1 + rank % 3, 9):  # 9 splits leave some of them empty
+        out, ref = run_decode(p, cap=cap, splits=splits)
+        assert rel_err(out, ref) < TOL[torch.float32], f"splits={splits}"
+
+
+@pytest.mark.parametrize("group,n_kv,head_dim,rank,cap", CPU_CASES)
+def test_extend_cpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float) -> None:
+    # empty prefix, a long prefix, a single new token, and a new span of several tiles
+    p = make_problem([0, 57, 20, 3], [19, 5, 1, 34], [1, -1, 0, 2], n_qo=group * n_kv,
+                     n_kv=n_kv, head_dim=head_dim, rank=rank, dtype=torch.float32, seed=rank + 1)
+    out, ref = run_extend(p, cap=cap)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_zero_b_equals_plain_attention_cpu() -> None:
+    """B = 0: the LR term vanishes, and the output must equal attention without it."""
+    p = make_problem([33, 8], [9, 17], [0, 1], n_qo=4, n_kv=2, head_dim=64, rank=8,
+                     dtype=torch.float32)
+    zero_b = torch.zeros_like(p.b_weights)
+    out_ext, _ = run_extend(p, b_weights=zero_b)
+    plain_ext, ref_ext = run_extend(p, lr=False)
+    torch.testing.assert_close(out_ext, plain_ext, rtol=1e-6, atol=1e-6)
+    assert rel_err(plain_ext, ref_ext) < TOL[torch.float32]
+
+    p.q = p.q[:2]
+    out_dec, _ = run_decode(p, b_weights=zero_b, splits=2)
+    plain_dec, ref_dec = run_decode(p, lr=False, splits=2)
+    torch.testing.assert_close(out_dec, plain_dec, rtol=1e-6, atol=1e-6)
+    assert rel_err(plain_dec, ref_dec) < TOL[torch.float32]
+
+
+def test_no_adapter_never_reads_lr_cpu() -> None:
+    """Requests with adapter -1 skip the LR term: their L rows and lr_indices are never read."""
+    p = make_problem([30, 12], [4, 3], [-1, 1], n_qo=4, n_kv=1, head_dim=64, rank=8,
+                     dtype=torch.float32)
+    p.lr_indices[:30] = 10**6  # far outside the LR pool
+    p.lr_extend[:4] = float("nan")
+    out, ref = run_extend(p)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    p.q = p.q[:2]
+    out, ref = run_decode(p, splits=3)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_wrapper_argument_checks_cpu() -> None:
+    p = make_problem([4], [2], [0], n_qo=2, n_kv=1, head_dim=64, rank=8, dtype=torch.float32)
+    w = FlashLoRADecodeWrapper(2, 1, 64, device=p.q.device, max_lr_rank=8)
+    with pytest.raises(RuntimeError):
+        w.run(p.q[:1], p.k_buffer, p.v_buffer)
+    with pytest.raises(ValueError):
+        w.plan(p.kv_indptr, p.kv_indices, p.lr_indices)  # adapter_ids missing
+    w.plan(p.kv_indptr, p.kv_indices)
+    with pytest.raises(ValueError):
+        w.run(p.q[:1], p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights)  # LR not planned
+    w = FlashLoRADecodeWrapper(2, 1, 64, device=p.q.device, max_lr_rank=8)
+    w.plan(p.kv_indptr, p.kv_indices, p.lr_indices, p.adapter_ids)
+    with pytest.raises(ValueError):
+        w.run(p.q[:1], p.k_buffer, p.v_buffer, torch.zeros(4, 64), p.b_weights)  # rank 64 > 8
+
+
+def test_split_heuristic() -> None:
+    w = FlashLoRADecodeWrapper(32, 8, 128, device="cpu", max_kv_splits=64, workspace_rows=1024)
+    assert w.choose_num_kv_splits(1) == 2  # 4 "SMs" on CPU: 16 targets / 8 programs
+    assert w.choose_num_kv_splits(64, max_kv_len=8192) == 1
+    w._target_programs = 528
+    assert w.choose_num_kv_splits(1, max_kv_len=32768) == 64
+    assert w.choose_num_kv_splits(1, max_kv_len=1024) == 8
+    assert w.choose_num_kv_splits(64) == 2
+    assert w.choose_num_kv_splits(1024) == 1
+
+
+# ---------------------------------------------------------------- GPU (larger shapes)
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+GPU_CASES = [
+    # group, n_kv, head_dim, rank, cap
+    (1, 4, 128, 8, 0.0),
+    (4, 8, 128, 24, 0.0),
+    (8, 2, 128, 64, 30.0),
+    (4, 2, 64, 1, 0.0),
+    (8, 4, 64, 16, 0.0),
+    (1, 8, 64, 64, 50.0),
+    (4, 8, 128, 16, 50.0),
+]
+
+
+def _gpu_lens(seed: int) -> tuple[list[int], list[int], list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = [0, 1, 4000, *torch.randint(1, 1500, (5,), generator=g).tolist()]
+    extend = [300, 1, 77, *torch.randint(1, 400, (5,), generator=g).tolist()]
+    adapters = [0, -1, 2, 1, -1, 1, 0, 2]
+    return prefix, extend, adapters
+
+
+@GPU
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("group,n_kv,head_dim,rank,cap", GPU_CASES)
+def test_decode_gpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float,
+                    dtype: torch.dtype) -> None:
+    prefix, _, adapters = _gpu_lens(rank + head_dim)
+    prefix[0] = 9000
+    p = make_problem(prefix, [1] * len(prefix), adapters, n_qo=group * n_kv, n_kv=n_kv,
+                     head_dim=head_dim, rank=rank, dtype=dtype, seed=rank)
+    for splits in (None, 1, 7):
+        out, ref = run_decode(p, cap=cap, splits=splits)
+        assert rel_err(out, ref) < TOL[dtype], f"splits={splits}"
+
+
+@GPU
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("group,n_kv,head_dim,rank,cap", GPU_CASES)
+def test_extend_gpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float,
+                    dtype: torch.dtype) -> None:
+    prefix, extend, adapters = _gpu_lens(rank + head_dim + 1)
+    p = make_problem(prefix, extend, adapters, n_qo=group * n_kv, n_kv=n_kv,
+                     head_dim=head_dim, rank=rank, dtype=dtype, seed=rank + 1)
+    out, ref = run_extend(p, cap=cap)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_zero_b_equals_plain_attention_gpu(dtype: torch.dtype) -> None:
+    prefix, extend, adapters = _gpu_lens(5)
+    p = make_problem(prefix, extend, adapters, n_qo=32, n_kv=8, head_dim=128, rank=24,
+                     dtype=dtype)
+    zero_b = torch.zeros_like(p.b_weights)
+    out, _ = run_extend(p, b_weights=zero_b)
+    plain, ref = run_extend(p, lr=False)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    assert rel_err(plain, ref) < TOL[dtype]
+    p.q = p.q[: len(prefix)]
+    out, _ = run_decode(p, b_weights=zero_b)
+    plain, ref = run_decode(p, lr=False)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    assert rel_err(plain, ref) < TOL[dtype]
+
+
+@GPU
+def test_decode_cuda_graph_replay() -> None:
+    """run() captured once replays correctly after the batch's buffers are refilled in place."""
+    prefix = [3000, 17, 800, 5000]
+    p = make_problem(prefix, [1] * 4, [0, -1, 2, 1], n_qo=32, n_kv=8, head_dim=128, rank=8,
+                     dtype=torch.bfloat16)
+    p.q = p.q[:4]
+    w = FlashLoRADecodeWrapper(32, 8, 128, max_lr_rank=8)
+    w.plan(p.kv_indptr, p.kv_indices, p.lr_indices, p.adapter_ids, max_kv_len=8192)
+    out = torch.empty_like(p.q)
+    w.run(p.q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights, out=out)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(p.q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights, out=out)
+    for seed in range(2):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        p.q.copy_(torch.randn(p.q.shape, generator=g, device="cuda"))
+        p.adapter_ids.copy_(torch.tensor([seed, 1, -1, 2 - seed], dtype=torch.int32))
+        p.kv_indices.copy_(p.kv_indices[torch.randperm(p.kv_indices.numel(), device="cuda",
+                                                       generator=g)])
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = decode_reference(p.q, p.k_buffer, p.v_buffer, p.kv_indptr, p.kv_indices,
+                               128 ** -0.5, 0.0, p.lr_buffer, p.lr_indices, p.b_weights,
+                               p.adapter_ids)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
