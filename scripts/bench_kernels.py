@@ -1,0 +1,399 @@
+"""Benchmark the Flash-LoRA kernels on a GPU (Llama-3.1-8B attention shapes, bf16).
+
+For each (batch, context) it times, in one run (median of CUDA-event timings via
+``triton.testing.do_bench``): our kernel with the LR term for each rank, (a) our kernel with
+the LR term off, (b) materialising V = V_base + L B into a pool copy and running (a) on it,
+(c) SGLang 0.5.17's triton kernels on the same pools without LoRA, (d) FlashInfer's paged
+wrappers (page size 1, SGLang's settings), (e) torch SDPA flash on dense tensors (extend
+only), plus a device-to-device copy for the bandwidth ceiling.
+
+Decode: one query per request over ``context`` cached tokens. Extend: ``min(context,
+--extend-len)`` new tokens per request on top of a cached prefix of the rest.
+Slots are shuffled (token-granular, non-contiguous); LR slots are a separate pool; each
+request uses adapter ``b % 3``.
+
+    python3 scripts/bench_kernels.py --part decode --out results.json
+
+Prints the tables last and writes every number to JSON (``--out``, default $OUT/...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from lragent_sglang.kernels import (
+    DecodeConfig,
+    FlashLoRADecodeWrapper,
+    FlashLoRAExtendWrapper,
+)
+
+logger = logging.getLogger("bench_kernels")
+
+N_QO, N_KV, HEAD_DIM = 32, 8, 128
+N_ADAPTERS = 3
+DTYPE = torch.bfloat16
+
+
+def bench(fn: Callable[[], object], graph: bool = False, rep_ms: float = 200.0) -> float:
+    """Median time in ms from CUDA events after warm-up.
+
+    ``graph``: time replays of a CUDA graph holding back-to-back calls (how SGLang runs
+    decode; no Python launch overhead, no L2 flush between calls). Otherwise triton's
+    do_bench, which flushes L2 before each call. Falls back to do_bench if capture fails.
+    """
+    if graph:
+        try:
+            return do_bench_cudagraph(fn, rep=rep_ms / 4, return_mode="median")
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("CUDA-graph timing failed (%s); timing eagerly", exc)
+            torch.cuda.synchronize()
+    return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+
+
+def try_bench(name: str, fn: Callable[[], object], **kw) -> float | None:
+    """A failing baseline is logged and recorded as missing, not fatal."""
+    try:
+        return bench(fn, **kw)
+    except Exception as exc:  # noqa: BLE001 (third-party baselines fail in many ways)
+        logger.warning("%s failed: %s: %s", name, type(exc).__name__, str(exc)[:300])
+        return None
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 2 GiB, counting bytes read plus bytes written."""
+    src = torch.empty(2**30, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+class Pools:
+    """K / V_base pools and an LR pool per rank with shuffled slots for ``lens`` tokens."""
+
+    def __init__(self, n_tokens: int, ranks: list[int], seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        slots = n_tokens + 1  # slot 0 is SGLang's padding slot
+        self.k = torch.randn(slots, N_KV, HEAD_DIM, dtype=DTYPE, device="cuda")
+        self.v = torch.randn(slots, N_KV, HEAD_DIM, dtype=DTYPE, device="cuda")
+        self.slot_of = (torch.randperm(n_tokens, device="cuda") + 1).to(torch.int32)
+        self.lr_slot_of = (torch.randperm(n_tokens, device="cuda") + 1).to(torch.int32)
+        self.lr = {r: torch.randn(slots, r, dtype=DTYPE, device="cuda") for r in ranks}
+        self.b = {r: (torch.randn(N_ADAPTERS, N_KV, r, HEAD_DIM, device="cuda") * 0.3 / math.sqrt(r)).to(DTYPE)
+                  for r in ranks}
+        self.v_mat = torch.empty_like(self.v)
+
+    def materialise(self, rank: int, token_pos: torch.Tensor, tokens_per_req: int,
+                    adapter_of_req: torch.Tensor) -> None:
+        """v_mat[slot] = V_base[slot] + L[lr_slot] B[adapter] for the listed token positions."""
+        slots = self.slot_of[token_pos].long()
+        lr = self.lr[rank][self.lr_slot_of[token_pos].long()].view(-1, tokens_per_req, rank)
+        b = self.b[rank].permute(0, 2, 1, 3).reshape(N_ADAPTERS, rank, N_KV * HEAD_DIM)
+        delta = torch.bmm(lr, b[adapter_of_req.long()]).view(-1, N_KV, HEAD_DIM)
+        self.v_mat.index_copy_(0, slots, self.v[slots] + delta)
+
+
+def load_sglang() -> dict[str, Callable]:
+    try:
+        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+        from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+        from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("sglang kernels unavailable: %s", exc)
+        return {}
+    return dict(decode=decode_attention_fwd, extend=extend_attention_fwd,
+                splits=get_num_kv_splits_triton)
+
+
+def load_flashinfer():
+    try:
+        import flashinfer
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("flashinfer unavailable: %s", exc)
+        return None
+    return flashinfer
+
+
+def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int) -> dict:
+    n_tok = batch * ctx
+    pools = Pools(n_tok, ranks)
+    kv_indptr = (torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx)
+    kv_indices = pools.slot_of
+    lr_indices = pools.lr_slot_of
+    adapters = (torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS)
+    q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+    out = torch.empty_like(q)
+    scale = HEAD_DIM ** -0.5
+    res: dict = dict(batch=batch, ctx=ctx)
+
+    w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch)
+    w.plan(kv_indptr, kv_indices, lr_indices, adapters, max_kv_len=ctx)
+    res["splits"] = w.num_kv_splits
+    res["ours_lr_off"] = bench(lambda: w.run(q, pools.k, pools.v, out=out), graph=True)
+    all_pos = torch.arange(n_tok, device="cuda")
+    for r in ranks:
+        res[f"ours_lr{r}"] = bench(
+            lambda: w.run(q, pools.k, pools.v, pools.lr[r], pools.b[r], out=out), graph=True)
+
+        def materialised() -> None:
+            pools.materialise(r, all_pos, ctx, adapters)
+            w.run(q, pools.k, pools.v_mat, out=out)
+        res[f"materialise_lr{r}"] = bench(materialised, graph=True)
+
+    kv_bytes = n_tok * N_KV * HEAD_DIM * 2 * 2 + n_tok * 4
+    res["bytes_lr_off"] = kv_bytes
+    for r in ranks:
+        res[f"bytes_lr{r}"] = kv_bytes + n_tok * (r * 2 + 4)
+
+    if sgl:
+        max_splits = 8  # SGLang's default --triton-attention-num-kv-splits
+        num_splits = torch.empty(batch, dtype=torch.int32, device="cuda")
+        sgl["splits"][(1,)](num_splits, kv_indptr[1:] - kv_indptr[:-1], batch, 1, N_QO, N_KV,
+                            max_splits, sms, MAX_NUM_SEQ=max(256, triton.next_power_of_2(batch)))
+        logits = torch.empty(batch, N_QO, max_splits, HEAD_DIM, dtype=torch.float32, device="cuda")
+        lse = torch.empty(batch, N_QO, max_splits, dtype=torch.float32, device="cuda")
+        res["sglang"] = try_bench("sglang decode", lambda: sgl["decode"](
+            q, pools.k, pools.v, out, kv_indptr, kv_indices, logits, lse, num_splits,
+            max_splits, scale, 1.0, 1.0), graph=True)
+    if fi is not None:
+        def fi_setup():
+            ws = torch.zeros(512 * 2**20, dtype=torch.uint8, device="cuda")
+            fw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+            fw.plan(kv_indptr, kv_indices, torch.ones(batch, dtype=torch.int32, device="cuda"),
+                    N_QO, N_KV, HEAD_DIM, 1, q_data_type=DTYPE, kv_data_type=DTYPE,
+                    sm_scale=scale)
+            cache = (pools.k.unsqueeze(1), pools.v.unsqueeze(1))
+            return lambda: fw.run(q, cache)
+        try:
+            res["flashinfer"] = try_bench("flashinfer decode", fi_setup(), graph=True)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("flashinfer decode plan failed: %s", exc)
+    del pools
+    torch.cuda.empty_cache()
+    return res
+
+
+def extend_shape(batch: int, ctx: int, ext: int, ranks: list[int], sgl: dict, fi) -> dict:
+    """``ext`` new tokens per request after a cached prefix of ``ctx - ext`` tokens."""
+    pre = ctx - ext
+    n_tok = batch * ctx
+    pools = Pools(n_tok, ranks)
+    # Request b's positions b*ctx .. b*ctx+ctx-1: first `pre` are the prefix, the rest new.
+    pos = torch.arange(n_tok, device="cuda").view(batch, ctx)
+    pre_pos, ext_pos = pos[:, :pre].reshape(-1), pos[:, pre:].reshape(-1)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    qo_indptr = torch.arange(batch + 1, **i32) * ext
+    kv_indptr = torch.arange(batch + 1, **i32) * pre
+    kv_indices = pools.slot_of[pre_pos].contiguous()
+    lr_indices = pools.lr_slot_of[pre_pos].contiguous()
+    adapters = torch.arange(batch, **i32) % N_ADAPTERS
+    ext_slots = pools.slot_of[ext_pos].long()
+    k_ext, v_ext = pools.k[ext_slots], pools.v[ext_slots]
+    q = torch.randn(batch * ext, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+    out = torch.empty_like(q)
+    scale = HEAD_DIM ** -0.5
+    flops = 4 * HEAD_DIM * N_QO * batch * (ext * pre + ext * (ext + 1) / 2)
+    res: dict = dict(batch=batch, ctx=ctx, ext=ext, flops=flops)
+
+    w = FlashLoRAExtendWrapper(N_QO, N_KV, HEAD_DIM)
+    w.plan(qo_indptr, kv_indptr, kv_indices, lr_indices, adapters, max_extend_len=ext)
+    rep = dict(rep_ms=500.0)
+    res["ours_lr_off"] = bench(lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, out=out), **rep)
+    all_pos = pos.reshape(-1)
+    for r in ranks:
+        lr_ext = pools.lr[r][pools.lr_slot_of[ext_pos].long()]
+        res[f"ours_lr{r}"] = bench(lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, lr_ext,
+                                                 pools.lr[r], pools.b[r], out=out), **rep)
+
+        def materialised() -> None:
+            pools.materialise(r, all_pos, ctx, adapters)
+            w.run(q, k_ext, pools.v_mat[ext_slots], pools.k, pools.v_mat, out=out)
+        res[f"materialise_lr{r}"] = bench(materialised, **rep)
+
+    if sgl:
+        res["sglang"] = try_bench("sglang extend", lambda: sgl["extend"](
+            q, k_ext, v_ext, out, pools.k, pools.v, qo_indptr, kv_indptr, kv_indices, None, True,
+            None, ext, 1.0, 1.0, sm_scale=scale), **rep)
+    if fi is not None:
+        try:
+            ws = torch.zeros(512 * 2**20, dtype=torch.uint8, device="cuda")
+            fw = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
+            full_indptr = torch.arange(batch + 1, **i32) * ctx
+            fw.plan(qo_indptr, full_indptr, pools.slot_of, torch.ones(batch, **i32), N_QO, N_KV,
+                    HEAD_DIM, 1, causal=True, sm_scale=scale, q_data_type=DTYPE,
+                    kv_data_type=DTYPE)
+            cache = (pools.k.unsqueeze(1), pools.v.unsqueeze(1))
+            res["flashinfer"] = try_bench("flashinfer prefill", lambda: fw.run(q, cache), **rep)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("flashinfer prefill plan failed: %s", exc)
+    dense_bytes = 2 * batch * N_QO * ctx * HEAD_DIM * 2
+    if dense_bytes < 24 * 2**30:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+        kd = pools.k[pools.slot_of.long()].view(batch, ctx, N_KV, HEAD_DIM).transpose(1, 2)
+        vd = pools.v[pools.slot_of.long()].view(batch, ctx, N_KV, HEAD_DIM).transpose(1, 2)
+        kd = kd.repeat_interleave(N_QO // N_KV, dim=1).contiguous()
+        vd = vd.repeat_interleave(N_QO // N_KV, dim=1).contiguous()
+        qd = q.view(batch, ext, N_QO, HEAD_DIM).transpose(1, 2).contiguous()
+        mask = causal_lower_right(ext, ctx)
+
+        def sdpa() -> torch.Tensor:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+        res["sdpa_flash"] = try_bench("sdpa", sdpa, **rep)
+        del kd, vd
+    del pools
+    torch.cuda.empty_cache()
+    return res
+
+
+def sweep_decode(rank: int) -> list[dict]:
+    """Stage-1 tile options at two shapes: bandwidth-bound (64 x 8k) and split-bound (1 x 32k)."""
+    rows = []
+    for batch, ctx in ((64, 8192), (1, 32768)):
+        pools = Pools(batch * ctx, [rank])
+        kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
+        adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
+        q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+        out = torch.empty_like(q)
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
+                    w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch,
+                                               config=cfg)
+                    w.plan(kv_indptr, pools.slot_of, pools.lr_slot_of, adapters, max_kv_len=ctx)
+                    t_off = try_bench(f"{cfg} off", lambda: w.run(q, pools.k, pools.v, out=out),
+                                      graph=True)
+                    t_lr = try_bench(f"{cfg} lr", lambda: w.run(
+                        q, pools.k, pools.v, pools.lr[rank], pools.b[rank], out=out), graph=True)
+                    rows.append(dict(batch=batch, ctx=ctx, block_n=block_n, warps=warps,
+                                     stages=stages, off=t_off, lr=t_lr))
+                    print(f"sweep {batch}x{ctx} {cfg}: off {fmt(t_off, '.4f')} "
+                          f"lr{rank} {fmt(t_lr, '.4f')} ms", flush=True)
+        del pools
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def decode_table(rows: list[dict], ranks: list[int], copy_gbs: float) -> str:
+    lines = [f"Decode (bf16, 32 q / 8 kv heads, head_dim 128, page size 1). Copy bandwidth "
+             f"{copy_gbs:,.0f} GB/s (read + write).",
+             "| batch x ctx | splits | R | LR on ms | GB/s (% copy) | LR off ms | on/off | "
+             "materialise ms (x) | SGLang triton ms (x) | FlashInfer ms (x) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for r in ranks:
+            on = row[f"ours_lr{r}"]
+            gbs = row[f"bytes_lr{r}"] / on / 1e6
+            mat = row[f"materialise_lr{r}"]
+            sg, fi = row.get("sglang"), row.get("flashinfer")
+            lines.append(
+                f"| {row['batch']} x {row['ctx'] // 1024}k | {row['splits']} | {r} | {on:.4f} | "
+                f"{gbs:,.0f} ({100 * gbs / copy_gbs:.0f}%) | {row['ours_lr_off']:.4f} | "
+                f"{on / row['ours_lr_off']:.3f} | {mat:.3f} ({mat / on:.2f}) | "
+                f"{fmt(sg, '.4f')} ({fmt(sg and on / sg, '.2f')}) | "
+                f"{fmt(fi, '.4f')} ({fmt(fi and on / fi, '.2f')}) |")
+    lines.append("(x) = our LR-on time / that time for the LR-on rows' baselines; for "
+                 "materialise it is materialise / ours (speed-up).")
+    return "\n".join(lines)
+
+
+def extend_table(rows: list[dict], ranks: list[int]) -> str:
+    lines = ["Extend (bf16, 32 q / 8 kv heads, head_dim 128): `ext` new tokens per request after "
+             "a cached prefix of ctx - ext; TFLOP/s counts attention FLOPs only.",
+             "| batch x ctx (ext) | R | LR on ms | TFLOP/s | LR off ms | on/off | "
+             "materialise ms (x) | SGLang triton ms (x) | FlashInfer fa2 ms (x) | SDPA flash ms (x) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for r in ranks:
+            on = row[f"ours_lr{r}"]
+            mat = row[f"materialise_lr{r}"]
+            sg, fi, sd = row.get("sglang"), row.get("flashinfer"), row.get("sdpa_flash")
+            lines.append(
+                f"| {row['batch']} x {row['ctx'] // 1024}k ({row['ext']}) | {r} | {on:.3f} | "
+                f"{row['flops'] / on / 1e9:.0f} | {row['ours_lr_off']:.3f} | "
+                f"{on / row['ours_lr_off']:.3f} | {mat:.3f} ({mat / on:.2f}) | "
+                f"{fmt(sg)} ({fmt(sg and on / sg, '.2f')}) | {fmt(fi)} ({fmt(fi and on / fi, '.2f')}) | "
+                f"{fmt(sd)} ({fmt(sd and on / sd, '.2f')}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("decode", "extend", "all", "sweep"), default="all")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 24, 64])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--extend-len", type=int, default=1024)
+    ap.add_argument("--max-extend-tokens", type=int, default=64 * 32768,
+                    help="skip extend shapes with more cached+new tokens than this")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+
+    props = torch.cuda.get_device_properties(0)
+    meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:])
+    copy_gbs = copy_bandwidth_gbs()
+    meta["copy_gbs"] = copy_gbs
+    logger.info("%s, copy bandwidth %.0f GB/s", props.name, copy_gbs)
+    sgl = load_sglang() if args.part != "sweep" else {}
+    fi = load_flashinfer() if args.part != "sweep" else None
+    if fi is not None:
+        meta["flashinfer"] = fi.__version__
+    result: dict = dict(meta=meta, decode=[], extend=[], sweep=[])
+    tables: list[str] = []
+
+    def save() -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    if args.part == "sweep":
+        result["sweep"] = sweep_decode(args.ranks[0])
+        save()
+    if args.part in ("decode", "all"):
+        for batch in args.batches:
+            for ctx in args.contexts:
+                result["decode"].append(decode_shape(batch, ctx, args.ranks, sgl, fi,
+                                                     props.multi_processor_count))
+                logger.info("decode %s", result["decode"][-1])
+                save()
+        tables.append(decode_table(result["decode"], args.ranks, copy_gbs))
+    if args.part in ("extend", "all"):
+        for batch in args.batches:
+            for ctx in args.contexts:
+                if batch * ctx > args.max_extend_tokens:
+                    continue
+                ext = min(ctx, args.extend_len)
+                result["extend"].append(extend_shape(batch, ctx, ext, args.ranks, sgl, fi))
+                logger.info("extend %s", result["extend"][-1])
+                save()
+        tables.append(extend_table(result["extend"], args.ranks))
+    save()
+    print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+          f"flashinfer {meta.get('flashinfer', 'n/a')}")
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
