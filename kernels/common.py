@@ -28,6 +28,7 @@ LOG2E = math.log2(math.e)
 
 #: smallest operand width `tl.dot` accepts; the LR rank is padded up to a power of two >= this
 MIN_DOT_DIM = 16
+MIN_RANK_PAD = 32
 
 
 @triton.jit
@@ -37,8 +38,13 @@ def soft_cap(x, cap):
 
 
 def padded_rank(rank: int) -> int:
-    """Width of the LR accumulator: R padded to a power of two that `tl.dot` accepts."""
-    return max(MIN_DOT_DIM, triton.next_power_of_2(max(rank, 1)))
+    """Width of the LR accumulator: R padded to a power of two >= 32.
+
+    `tl.dot` needs >= 16; at exactly 16 Triton's sm_90 layout for the [BLOCK_H, 16] P @ L
+    product made the decode kernel use 255 registers and spill (R = 8), while 32 compiles
+    lean. The padding columns are masked, so they cost registers only, never bytes.
+    """
+    return max(MIN_RANK_PAD, triton.next_power_of_2(max(rank, 1)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -40,10 +40,13 @@ class DecodeConfig:
     num_stages: int = 2
 
 
-def default_decode_config(device: torch.device) -> DecodeConfig:
-    """Small tiles under the interpreter (fast on CPU, still several tiles per split)."""
+def default_decode_config(device: torch.device, dtype: torch.dtype) -> DecodeConfig:
+    """Small tiles under the interpreter (fast on CPU, still several tiles per split) and for
+    fp32 (larger fp32 tiles spill registers on sm_90)."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
     return DecodeConfig()
 
 
@@ -242,7 +245,7 @@ def flash_lora_decode(
     group = n_qo // n_kv
     block_h = head_block(group)
     grid_heads = n_kv * triton.cdiv(group, block_h)
-    cfg = config or default_decode_config(q.device)
+    cfg = config or default_decode_config(q.device, q.dtype)
     prec = dot_precision(q.dtype)
     pre, post = score_scale(sm_scale, logit_cap)
 

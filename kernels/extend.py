@@ -37,14 +37,13 @@ class ExtendConfig:
     num_stages: int = 2
 
 
-def default_extend_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> ExtendConfig:
-    """Hopper-sized tiles for 16-bit inputs, smaller ones for fp32 and the interpreter."""
+def default_extend_config(device: torch.device, dtype: torch.dtype) -> ExtendConfig:
+    """Hopper-sized tiles for 16-bit inputs (no register spills for head_dim 64 / 128 and
+    R <= 64 on sm_90), small ones for fp32 and the interpreter."""
     if device.type != "cuda":
         return ExtendConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
-        return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
-    if head_dim <= 64:
-        return ExtendConfig(block_m=128, block_n=64, num_warps=4, num_stages=2)
+        return ExtendConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
     return ExtendConfig()
 
 
@@ -210,7 +209,7 @@ def flash_lora_extend(
     n_kv = k_buffer.shape[1]
     check_head_dim(head_dim)
     batch = qo_indptr.shape[0] - 1
-    cfg = config or default_extend_config(q.device, q.dtype, head_dim)
+    cfg = config or default_extend_config(q.device, q.dtype)
     prec = dot_precision(q.dtype)
     pre, post = score_scale(sm_scale, logit_cap)
 

@@ -267,21 +267,19 @@ def sweep_decode(rank: int) -> list[dict]:
         adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
         q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
         out = torch.empty_like(q)
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
-                    w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch,
-                                               config=cfg)
-                    w.plan(kv_indptr, pools.slot_of, pools.lr_slot_of, adapters, max_kv_len=ctx)
-                    t_off = try_bench(f"{cfg} off", lambda: w.run(q, pools.k, pools.v, out=out),
-                                      graph=True)
-                    t_lr = try_bench(f"{cfg} lr", lambda: w.run(
-                        q, pools.k, pools.v, pools.lr[rank], pools.b[rank], out=out), graph=True)
-                    rows.append(dict(batch=batch, ctx=ctx, block_n=block_n, warps=warps,
-                                     stages=stages, off=t_off, lr=t_lr))
-                    print(f"sweep {batch}x{ctx} {cfg}: off {fmt(t_off, '.4f')} "
-                          f"lr{rank} {fmt(t_lr, '.4f')} ms", flush=True)
+        for block_n, warps, stages in ((32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2),
+                                       (64, 4, 3), (64, 8, 2), (128, 8, 2)):
+            cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
+            w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch, config=cfg)
+            w.plan(kv_indptr, pools.slot_of, pools.lr_slot_of, adapters, max_kv_len=ctx)
+            t_off = try_bench(f"{cfg} off", lambda: w.run(q, pools.k, pools.v, out=out),
+                              graph=True)
+            t_lr = try_bench(f"{cfg} lr", lambda: w.run(
+                q, pools.k, pools.v, pools.lr[rank], pools.b[rank], out=out), graph=True)
+            rows.append(dict(batch=batch, ctx=ctx, block_n=block_n, warps=warps,
+                             stages=stages, off=t_off, lr=t_lr))
+            print(f"sweep {batch}x{ctx} {cfg}: off {fmt(t_off, '.4f')} "
+                  f"lr{rank} {fmt(t_lr, '.4f')} ms", flush=True)
         del pools
         torch.cuda.empty_cache()
     return rows
