@@ -47,6 +47,20 @@ def padded_rank(rank: int) -> int:
     return max(MIN_RANK_PAD, triton.next_power_of_2(max(rank, 1)))
 
 
+def lr_row_alignment(lr_buffer: torch.Tensor) -> int:
+    """Elements every L row start is a multiple of (a power of two, at most 16 bytes' worth).
+
+    Triton only learns 16-element divisibility of strides on its own, so rows of R = 8 or 24
+    bf16 values would otherwise be gathered as 2-byte loads, synchronously; with the hint they
+    become 16-byte cp.async copies that the software pipeline overlaps like K and V.
+    """
+    vec = 16 // lr_buffer.element_size()
+    stride, base = lr_buffer.stride(0), lr_buffer.data_ptr() // lr_buffer.element_size()
+    while vec > 1 and (stride % vec or base % vec):
+        vec //= 2
+    return vec
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands use full-precision FMA dots (Triton's default would be tf32)."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -28,7 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_head_dim, dot_precision, padded_rank, score_scale, soft_cap
+from .common import (
+    check_head_dim,
+    dot_precision,
+    lr_row_alignment,
+    padded_rank,
+    score_scale,
+    soft_cap,
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ def _decode_split_kernel(
     stride_ml_b, stride_ml_s, stride_ml_h,
     stride_me_b, stride_me_s,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LR_ALIGN: tl.constexpr,
     HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -134,7 +141,8 @@ def _decode_split_kernel(
             # A request without an adapter masks every L load off: no bytes move for it.
             mask_lr = mask_n & use_lr
             lr_slot = tl.load(lr_indices + kv_start + offs_n, mask=mask_lr, other=0).to(tl.int64)
-            lr = tl.load(L + lr_slot[:, None] * stride_lt + offs_r[None, :],
+            lr_row = tl.multiple_of(lr_slot * stride_lt, LR_ALIGN)
+            lr = tl.load(L + lr_row[:, None] + offs_r[None, :],
                          mask=mask_lr[:, None] & (offs_r[None, :] < RANK), other=0.0)
             acc_lr = acc_lr * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
         m_i = m_new
@@ -274,6 +282,7 @@ def flash_lora_decode(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         *ml_strides,
         mid_lse.stride(0), mid_lse.stride(1),
+        LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1,
         USE_CAP=logit_cap > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     _decode_combine_kernel[(batch, grid_heads)](

@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_head_dim, dot_precision, padded_rank, score_scale, soft_cap
+from .common import (
+    check_head_dim,
+    dot_precision,
+    lr_row_alignment,
+    padded_rank,
+    score_scale,
+    soft_cap,
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ def _extend_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
     stride_ba, stride_bh, stride_br,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LR_ALIGN: tl.constexpr,
     HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Heaviest (last, longest causal range) query blocks are scheduled first.
@@ -128,7 +135,8 @@ def _extend_kernel(
         if HAS_LR:
             mask_lr = mask_n & use_lr
             lr_slot = tl.load(lr_indices + pre_start + pos, mask=mask_lr, other=0).to(tl.int64)
-            lr = tl.load(L + lr_slot[:, None] * stride_lt + offs_r[None, :],
+            lr_row = tl.multiple_of(lr_slot * stride_lt, LR_ALIGN)
+            lr = tl.load(L + lr_row[:, None] + offs_r[None, :],
                          mask=mask_lr[:, None] & mask_r, other=0.0)
         m_i, l_i, acc, acc_lr = _attend_tile(
             q, k, v, lr, mask_n[None, :], m_i, l_i, acc, acc_lr, pre_scale, post_scale,
@@ -239,7 +247,7 @@ def flash_lora_extend(
         *b_strides,
         GROUP=n_qo // n_kv, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=padded_rank(rank),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_LR=has_lr, USE_CAP=logit_cap > 0, DOT_PREC=prec,
+        LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1, HAS_LR=has_lr, USE_CAP=logit_cap > 0, DOT_PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -285,6 +285,28 @@ def sweep_decode(rank: int) -> list[dict]:
     return rows
 
 
+def profile_decode(batch: int, ctx: int, rank: int) -> None:
+    """One LR-off and one LR-on decode between cudaProfilerStart/Stop, for
+    ``ncu --profile-from-start off`` (compilation and warm-up stay outside)."""
+    pools = Pools(batch * ctx, [rank])
+    kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
+    adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
+    q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+    out = torch.empty_like(q)
+    w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch)
+    w.plan(kv_indptr, pools.slot_of, pools.lr_slot_of, adapters, max_kv_len=ctx)
+    runs = (lambda: w.run(q, pools.k, pools.v, out=out),
+            lambda: w.run(q, pools.k, pools.v, pools.lr[rank], pools.b[rank], out=out))
+    for fn in runs:
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for fn in runs:
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -334,7 +356,8 @@ def extend_table(rows: list[dict], ranks: list[int]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("decode", "extend", "all", "sweep"), default="all")
+    ap.add_argument("--part", choices=("decode", "extend", "all", "sweep", "profile"),
+                    default="all")
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 24, 64])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
@@ -347,6 +370,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
 
+    if args.part == "profile":
+        profile_decode(args.batches[0], args.contexts[0], args.ranks[0])
+        return
     props = torch.cuda.get_device_properties(0)
     meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(),
