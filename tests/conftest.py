@@ -1,7 +1,22 @@
-"""Shared pytest set-up: `gpu` tests skip cleanly where no CUDA device exists."""
+"""Shared pytest set-up: `gpu` tests skip cleanly where no CUDA device exists, and without
+CUDA, Triton kernels run in its interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported anywhere in the process
+(peft, transformers and sglang import it too): triton.language's own helpers such as
+`tl.cdiv` are decorated at import time, so setting it later breaks interpreted kernels.
+Hence here, in the conftest, which pytest imports before any test module.
+"""
+
+import os
+import sys
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
