@@ -9,10 +9,10 @@ online softmax with two accumulators, ``acc = P V_base`` ``[BLOCK_H, D]`` and
 ``acc_lr = P L`` ``[BLOCK_H, R_pad]``, and writes both (normalised) plus the split's LSE
 to the workspace.
 
-Stage 2 (``_decode_combine_kernel``): grid ``(batch, head blocks)``. Merges the splits
+Stage 2 (``_decode_combine_kernel``): grid ``(batch, H_q)``. Merges all splits at once
 with their LSE weights and applies the adapter once: ``O = acc + acc_lr @ B``. B is applied
-after the combine (exact, since the combine is linear) so it is read once per
-(request, kv-head) rather than once per split.
+after the combine (exact, since the combine is linear) so it is read once per query head
+rather than once per split.
 
 Splitting: each request's tokens are cut into ``num_splits`` chunks of
 ``round_up(ceil(kv_len / num_splits), BLOCK_N)`` tokens (chunks past the end are empty and
@@ -44,17 +44,21 @@ class DecodeConfig:
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
-def default_decode_config(device: torch.device, dtype: torch.dtype) -> DecodeConfig:
-    """Small tiles under the interpreter (fast on CPU, still several tiles per split) and for
-    fp32 (larger fp32 tiles spill registers on sm_90)."""
+def default_decode_config(device: torch.device, dtype: torch.dtype,
+                          long_splits: bool = True) -> DecodeConfig:
+    """Tile options measured on an H100 (kernels/NOTES.md): 64-token tiles 3 stages deep for
+    long splits (>= 2k tokens), 32-token tiles 4 deep for short ones (less pipeline fill per
+    split). Small tiles for fp32 (larger ones spill on sm_90) and under the interpreter."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
-    return DecodeConfig()
+    if long_splits:
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+    return DecodeConfig(block_n=32, num_warps=4, num_stages=4)
 
 
 def head_block(group: int) -> int:
@@ -166,57 +170,42 @@ def _decode_combine_kernel(
     stride_me_b, stride_me_s,
     stride_ob, stride_oh,
     stride_ba, stride_bh, stride_br,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LR: tl.constexpr, DOT_PREC: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_LR: tl.constexpr,
 ):
+    # One program per (request, query head); all splits are loaded at once (a loop over
+    # splits would chain their load latencies: with 64 splits that cost as much as stage 1).
     b = tl.program_id(0).to(tl.int64)
-    head_blk = tl.program_id(1)
-
-    blocks_per_kv: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
-    kv_head = head_blk // blocks_per_kv
-    in_group = (head_blk % blocks_per_kv) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = in_group < GROUP
-    heads = kv_head * GROUP + in_group
+    head = tl.program_id(1)
+    kv_head = head // GROUP
 
     kv_start, kv_len, chunk, lo, hi = _split_bounds(kv_indptr, b, 0, num_splits, BLOCK_N)
     n_active = tl.cdiv(kv_len, tl.maximum(chunk, 1))
-
+    offs_s = tl.arange(0, MAX_SPLITS)
+    mask_s = offs_s < n_active
     offs_d = tl.arange(0, HEAD_DIM)
     offs_r = tl.arange(0, BLOCK_R)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    acc_lr = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
 
-    for split in range(0, n_active):
-        lse = tl.load(MidLSE + b * stride_me_b + split * stride_me_s + heads,
-                      mask=mask_h, other=0.0)
-        m_new = tl.maximum(m_i, lse)
-        alpha = tl.exp2(m_i - m_new)
-        w = tl.exp2(lse - m_new)
-        l_i = l_i * alpha + w
-        o_s = tl.load(MidO + b * stride_mo_b + split * stride_mo_s + heads[:, None] * stride_mo_h
-                      + offs_d[None, :], mask=mask_h[:, None], other=0.0)
-        acc = acc * alpha[:, None] + w[:, None] * o_s
-        if HAS_LR:
-            lr_s = tl.load(MidLR + b * stride_ml_b + split * stride_ml_s
-                           + heads[:, None] * stride_ml_h + offs_r[None, :],
-                           mask=mask_h[:, None], other=0.0)
-            acc_lr = acc_lr * alpha[:, None] + w[:, None] * lr_s
-        m_i = m_new
-
-    # An empty request (kv_len == 0) has no splits: write zeros rather than 0 / 0.
-    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
-    out = acc * inv_l[:, None]
+    lse = tl.load(MidLSE + b * stride_me_b + offs_s * stride_me_s + head, mask=mask_s,
+                  other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # an empty request has no split at all
+    w = tl.exp2(lse - m)
+    l_sum = tl.sum(w, 0)
+    inv_l = tl.where(l_sum > 0, 1.0 / l_sum, 0.0)
+    o_s = tl.load(MidO + b * stride_mo_b + offs_s[:, None] * stride_mo_s + head * stride_mo_h
+                  + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o_s, 0) * inv_l
     if HAS_LR:
         adapter = tl.load(adapter_ids + b)
+        lr_s = tl.load(MidLR + b * stride_ml_b + offs_s[:, None] * stride_ml_s + head * stride_ml_h
+                       + offs_r[None, :], mask=mask_s[:, None], other=0.0)
+        p_l = tl.sum(w[:, None] * lr_s, 0) * inv_l  # (P L) for this head, [BLOCK_R]
         bw = tl.load(Bw + tl.maximum(adapter, 0).to(tl.int64) * stride_ba + kv_head * stride_bh
                      + offs_r[:, None] * stride_br + offs_d[None, :],
                      mask=(offs_r[:, None] < RANK) & (adapter >= 0), other=0.0)
-        out += tl.dot(acc_lr * inv_l[:, None], bw.to(tl.float32), input_precision=DOT_PREC)
-    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=mask_h[:, None])
+        out += tl.sum(p_l[:, None] * bw.to(tl.float32), 0)
+    tl.store(O + b * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
 def flash_lora_decode(
@@ -238,7 +227,7 @@ def flash_lora_decode(
     mid_lr: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Launch both stages; no allocation, no host sync.
+    """Launch both stages; no allocation, no host sync (config: default_decode_config).
 
     Shapes: q, out ``[batch, H_q, D]``; k/v_buffer ``[slots, H_kv, D]``;
     kv_indptr ``[batch + 1]``; kv_indices / lr_indices ``[kv_indptr[-1]]``;
@@ -269,8 +258,6 @@ def flash_lora_decode(
         lr_buffer, lr_indices, adapter_ids, mid_lr, b_weights = v_buffer, kv_indices, kv_indptr, mid_o, v_buffer
         lr_strides, ml_strides, b_strides = (0,), (0, 0, 0), (0, 0, 0)
 
-    common = dict(GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=block_r,
-                  BLOCK_N=cfg.block_n, HAS_LR=has_lr, DOT_PREC=prec)
     _decode_split_kernel[(batch, grid_heads, num_splits)](
         q, k_buffer, v_buffer, lr_buffer,
         kv_indptr, kv_indices, lr_indices, adapter_ids,
@@ -282,10 +269,12 @@ def flash_lora_decode(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         *ml_strides,
         mid_lse.stride(0), mid_lse.stride(1),
-        LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1,
-        USE_CAP=logit_cap > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=block_r,
+        BLOCK_N=cfg.block_n, LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1,
+        HAS_LR=has_lr, USE_CAP=logit_cap > 0, DOT_PREC=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    _decode_combine_kernel[(batch, grid_heads)](
+    _decode_combine_kernel[(batch, n_qo)](
         mid_o, mid_lr, mid_lse, out, b_weights,
         kv_indptr, adapter_ids, num_splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -293,6 +282,8 @@ def flash_lora_decode(
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         *b_strides,
-        num_warps=4 if q.device.type == "cuda" else 1, **common,
+        GROUP=group, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+        MAX_SPLITS=triton.next_power_of_2(num_splits), HAS_LR=has_lr,
+        num_warps=4 if q.device.type == "cuda" else 1,
     )
     return out
