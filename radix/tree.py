@@ -327,8 +327,9 @@ class LRRadixTree:
             if parent is not root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (priority(parent), parent.id, parent))
         self.stats_.base_evicted_tokens += evicted
-        result = self._evict_result(base_parts, lr_parts)
-        logger.debug("evict_base: asked %d, freed %d base and %d LR tokens", num_tokens, evicted, result.num_lr_tokens)
+        result = self._freed(base_parts, lr_parts)
+        self._count_lr_evicted(result)
+        logger.debug("evict_base: asked %d, freed %d base tokens", num_tokens, evicted)
         return result
 
     def evict_lr(self, num_tokens: int, lr_key: LRKey = None) -> EvictResult:
@@ -348,20 +349,19 @@ class LRRadixTree:
         evicted = 0
         while evicted < num_tokens and heap:
             _, _, x, k = heapq.heappop(heap)
-            slots = x.lr.pop(k)
+            lr_parts[k].append(x.lr.pop(k))
             del x.lr_last_access_time[k]
             del x.lr_hit_count[k]
-            lr_parts[k].append(slots)
-            m = len(slots)
+            m = len(x.key)
             evicted += m
             self.lr_evictable_size_[k] -= m
             self._lr_leaves[k].discard(x)
-            self.stats_.key(k).lr_evicted_tokens += m
             parent = x.parent
             if parent is not root and self._lr_evictable_leaf(parent, k):
                 self._lr_leaves[k].add(parent)
                 heapq.heappush(heap, (priority(parent, k), next(seq), parent, k))
-        result = self._evict_result([], lr_parts)
+        result = self._freed([], lr_parts)
+        self._count_lr_evicted(result)
         logger.debug("evict_lr(lr_key=%r): asked %d, freed %d LR tokens", lr_key, num_tokens, evicted)
         return result
 
@@ -385,7 +385,7 @@ class LRRadixTree:
         for r in results:
             for k, v in r.lr_indices.items():
                 lr_parts[k].append(v)
-        return self._evict_result(base_parts, lr_parts)
+        return self._freed(base_parts, lr_parts)
 
     def evictable_size(self) -> int:
         """Base tokens that eviction may free (unlocked)."""
@@ -560,7 +560,10 @@ class LRRadixTree:
         """No child of ``node`` holds ``lr_key``; ``below`` (a child already known) is checked first."""
         if below is not None and lr_key in below.lr:
             return False
-        return not any(lr_key in c.lr for c in node.children.values())
+        for child in node.children.values():
+            if lr_key in child.lr:
+                return False
+        return True
 
     def _lr_evictable_leaf(self, node: TreeNode, lr_key: LRKey) -> bool:
         """``node`` holds an unlocked ``lr_key`` array with no ``lr_key`` below it."""
@@ -578,7 +581,6 @@ class LRRadixTree:
             lr_parts[k].append(slots)
             self.lr_evictable_size_[k] -= m
             self._lr_leaves[k].discard(node)
-            self.stats_.key(k).lr_evicted_tokens += m
             if parent is not root and self._lr_evictable_leaf(parent, k):
                 self._lr_leaves[k].add(parent)
         if parent is not root and not parent.children and parent.lock_ref == 0:
@@ -586,11 +588,21 @@ class LRRadixTree:
         node.base = None
         node.lr = {}
 
-    def _evict_result(self, base_parts: list[torch.Tensor], lr_parts: dict[LRKey, list[torch.Tensor]]) -> EvictResult:
+    def _freed(self, base_parts: list[torch.Tensor], lr_parts: dict[LRKey, list[torch.Tensor]]) -> EvictResult:
+        """Freed slots as one tensor per component; a single part is handed over uncopied."""
         return EvictResult(
-            base_indices=torch.cat(base_parts) if base_parts else self._empty,
-            lr_indices={k: torch.cat(v) for k, v in lr_parts.items()},
+            base_indices=self._join(base_parts),
+            lr_indices={k: self._join(v) for k, v in lr_parts.items()},
         )
+
+    def _count_lr_evicted(self, result: EvictResult) -> None:
+        for k, freed in result.lr_indices.items():
+            self.stats_.key(k).lr_evicted_tokens += freed.numel()
+
+    def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else self._empty
 
 
 def _check(condition: bool, message: str) -> None:

@@ -385,6 +385,7 @@ def test_evict_to_budget() -> None:
     assert freed.num_lr_tokens == 9
     assert freed.num_base_tokens == 3
     assert tree.total_size() == 9 and tree.lr_total_size() == 3
+    assert tree.stats()["lr"]["evicted_tokens"] == 9  # counted once, not again when merged
     assert tree.evict_to_budget(base_tokens=100, lr_tokens=100).num_base_tokens == 0
     tree.sanity_check()
 
