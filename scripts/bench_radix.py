@@ -7,8 +7,8 @@ flight at once, and at the end every adapter forks a private branch off the traj
 Each request does what the serving path does: match its prompt, then insert prompt +
 generated tokens (base, then its own LR).
 
-Part 1 replays the single-adapter workload on SGLang's ``RadixCache`` (page_size 1, no
-pools) and on ``LRRadixTree`` in the same run, op by op, and compares time per op.
+Part 1 replays the single-adapter workload on SGLang's ``RadixCache`` (``--page-size``,
+no pools, a no-op allocator free) and on ``LRRadixTree`` in the same run, op by op, and compares time per op.
 Part 2 replays the workload with 1, 2, 4 and 8 adapters on ``LRRadixTree`` (more adapters
 means more LR re-prefill to insert and more LR arrays to evict). Part 3 isolates the
 per-adapter overhead: one base tree with every adapter's LR on every node, where only the
@@ -136,13 +136,13 @@ class NoopAllocator:
         return None
 
 
-def run_side_by_side(requests: list[Request]) -> dict[str, dict[str, float]]:
+def run_side_by_side(requests: list[Request], page_size: int) -> dict[str, dict[str, float]]:
     """Replay one-adapter requests on SGLang's RadixCache and LRRadixTree, op by op."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
-    sgl = RadixCache.create_simulated(mock_allocator=NoopAllocator())
-    ours = LRRadixTree(page_size=1)
+    sgl = RadixCache.create_simulated(mock_allocator=NoopAllocator(), page_size=page_size)
+    ours = LRRadixTree(page_size=page_size)
     timer = Timer()
     sgl_slots, our_slots, our_lr_slots = SlotCounter(), SlotCounter(), SlotCounter()
     for i, req in enumerate(requests):
@@ -177,9 +177,9 @@ def run_side_by_side(requests: list[Request]) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_adapters(requests: list[Request]) -> dict[str, Any]:
+def run_adapters(requests: list[Request], page_size: int) -> dict[str, Any]:
     """Replay multi-adapter requests on LRRadixTree; evict LR, then base, in chunks."""
-    tree = LRRadixTree(page_size=1, base_bytes_per_token=2 * 8 * 128 * 2 * 32, lr_bytes_per_token=8 * 2 * 32)
+    tree = LRRadixTree(page_size=page_size, base_bytes_per_token=2 * 8 * 128 * 2 * 32, lr_bytes_per_token=8 * 2 * 32)
     timer = Timer()
     base_slots, lr_slots = SlotCounter(), SlotCounter()
     for req in requests:
@@ -209,14 +209,14 @@ def run_adapters(requests: list[Request]) -> dict[str, Any]:
     return out
 
 
-def run_fixed_tree(requests: list[Request], num_adapters: int) -> dict[str, Any]:
+def run_fixed_tree(requests: list[Request], num_adapters: int, page_size: int) -> dict[str, Any]:
     """One base tree with every adapter's LR on every node: the pure per-adapter overhead.
 
     Matches hit the same base and LR lengths whatever the number of adapters (nodes are
     split beforehand), and insert_lr finds everything cached (a walk), so only the size
     of each node's LR mapping changes.
     """
-    tree = LRRadixTree(page_size=1)
+    tree = LRRadixTree(page_size=page_size)
     base_slots, lr_slots = SlotCounter(), SlotCounter()
     empty = torch.empty(0, dtype=torch.int64)
     for req in requests:
@@ -278,20 +278,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="trajectories in flight at once")
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is kept")
+    parser.add_argument("--page-size", type=int, default=1, help="page size of every tree, SGLang's included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench_radix.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     # Warm both trees' code paths (lazy imports, torch dispatch) outside the measurements.
-    run_side_by_side(agent_trace(1, 5_000, args.tool_len, args.concurrency, args.seed + 1))
+    run_side_by_side(agent_trace(1, 5_000, args.tool_len, args.concurrency, args.seed + 1), args.page_size)
     single = agent_trace(1, args.tokens, args.tool_len, args.concurrency, args.seed)
-    side = best_of([timed(lambda: run_side_by_side(single)) for _ in range(args.repeat)])
+    side = best_of([timed(lambda: run_side_by_side(single, args.page_size)) for _ in range(args.repeat)])
     scaling = {}
     for n in args.adapters:
         reqs = agent_trace(n, args.tokens, args.tool_len, args.concurrency, args.seed)
-        scaling[n] = best_of([timed(lambda: run_adapters(reqs)) for _ in range(args.repeat)])
-    fixed = {n: best_of([timed(lambda: run_fixed_tree(single, n)) for _ in range(args.repeat)]) for n in args.adapters}
+        scaling[n] = best_of([timed(lambda: run_adapters(reqs, args.page_size)) for _ in range(args.repeat)])
+    fixed = {n: best_of([timed(lambda: run_fixed_tree(single, n, args.page_size)) for _ in range(args.repeat)]) for n in args.adapters}
 
     rows = [
         ("match", "sglang.match", "ours.match"),
@@ -301,7 +302,7 @@ def main() -> None:
         ("dec_lock_ref", "sglang.dec_lock_ref", "ours.dec_lock_ref"),
         (f"evict {EVICT_CHUNK} tokens", "sglang.evict", "ours.evict_base"),
     ]
-    print(f"\nOne adapter, {len(single)} requests, {side['tree_tokens']['base']} tokens in each tree "
+    print(f"\nOne adapter, {len(single)} requests, {side['tree_tokens']['base']} tokens in each tree, page size {args.page_size} "
           f"(best of {args.repeat} runs, mean per op)")
     print(f"| op | SGLang RadixCache (us) | LRRadixTree (us) | ratio |")
     print("|---|---|---|---|")
