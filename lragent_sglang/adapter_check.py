@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lragent_sglang.adapters import LlamaShapes
 
 # SGLang fuses projections under these names; PEFT adapters may target either spelling.
@@ -78,3 +80,45 @@ def read_adapter(name: str, path: str | Path, model_path: str | Path) -> Adapter
         alpha=float(cfg.get("lora_alpha", cfg.get("r", 1))),
         target_modules=modules,
     )
+
+
+def _v_proj_a(info: AdapterInfo) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(info.path / "adapter_model.safetensors"))
+    return {k: v for k, v in weights.items() if "v_proj.lora_A" in k}
+
+
+def check_for_scheme(infos: list[AdapterInfo], scheme: str, max_lora_rank: int | None) -> None:
+    """What the sharing scheme needs of the adapters; AdapterError naming the first offender.
+
+    Base-sharing schemes keep keys shared, so no adapter may change them (k_proj), and
+    base-lr-shared keeps one LR cache, so every adapter must share its v_proj A.
+    """
+    for info in infos:
+        if max_lora_rank is not None and info.rank > max_lora_rank:
+            raise AdapterError(
+                f"adapter {info.name!r} has rank {info.rank}, above --max-lora-rank {max_lora_rank}"
+            )
+        if scheme in ("base-shared", "base-lr-shared") and "k_proj" in info.target_modules:
+            raise AdapterError(
+                f"adapter {info.name!r} puts LoRA on k_proj, which {scheme} cannot share "
+                "(RoPE sits between its B and the attention scores); use --lragent-scheme "
+                "non-shared or full-shared, or an adapter without k_proj"
+            )
+    if scheme != "base-lr-shared" or len(infos) < 2:
+        return
+    first = infos[0]
+    ref = _v_proj_a(first)
+    for info in infos[1:]:
+        other = _v_proj_a(info)
+        same = ref.keys() == other.keys() and all(
+            ref[k].shape == other[k].shape and torch.allclose(ref[k].float(), other[k].float(), rtol=1e-3, atol=1e-6)
+            for k in ref
+        )
+        if not same:
+            raise AdapterError(
+                f"adapters {first.name!r} and {info.name!r} have different v_proj A, but "
+                "base-lr-shared shares one LR cache: use shared-A adapters "
+                "(lragent_sglang.adapters --shared-a), or --lragent-scheme base-shared"
+            )

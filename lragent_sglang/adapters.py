@@ -141,13 +141,14 @@ def make_role_adapters(
     return paths
 
 
-def default_role_adapters(model_path: Path, cache_dir: Path) -> dict[str, Path]:
-    """The demo's three role adapters for `model_path`, made once under `cache_dir`."""
-    out = Path(cache_dir) / "role-adapters"
+def default_role_adapters(model_path: Path, cache_dir: Path, shared_v_a: bool = True) -> dict[str, Path]:
+    """The demo's three role adapters for `model_path`, made once under `cache_dir`;
+    shared-A by default so that every scheme, base-lr-shared included, can serve them."""
+    out = Path(cache_dir) / ("role-adapters-shared-a" if shared_v_a else "role-adapters")
     paths = {role: out / role for role in DEFAULT_ROLES}
     if all((p / "adapter_model.safetensors").is_file() for p in paths.values()):
         return paths
-    return make_role_adapters(model_path, out)
+    return make_role_adapters(model_path, out, shared_v_a=shared_v_a)
 
 
 def main(argv: list[str] | None = None) -> None:

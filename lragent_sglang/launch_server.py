@@ -17,7 +17,7 @@ import os
 import sys
 
 from lragent_sglang import cpu_compat
-from lragent_sglang.adapter_check import AdapterError, read_adapter
+from lragent_sglang.adapter_check import AdapterError, check_for_scheme, read_adapter
 from lragent_sglang.backends import BACKEND_NAME
 from lragent_sglang.config import DEFAULT_SCHEME, SCHEME_ENV, SCHEMES
 
@@ -101,14 +101,20 @@ def main(argv: list[str] | None = None) -> None:
 
     server_args = prepare_server_args(with_defaults(rest, cpu))
     try:
-        for name, path in lora_pairs(server_args.lora_paths):
-            read_adapter(name, path, server_args.model_path)
+        infos = [read_adapter(name, path, server_args.model_path) for name, path in lora_pairs(server_args.lora_paths)]
+        check_for_scheme(infos, ours.lragent_scheme, server_args.max_lora_rank)
+        if infos and server_args.max_lora_rank is None:
+            server_args.max_lora_rank = max(info.rank for info in infos)
     except AdapterError as exc:
         parser.exit(2, f"lragent-serve: error: {exc}\n")
     logger.info("lragent scheme %s, cpu=%s", ours.lragent_scheme, cpu)
 
     from sglang.launch_server import run_server
     from sglang.srt.utils import kill_process_tree
+
+    from lragent_sglang.stats import add_stats_route
+
+    add_stats_route()
 
     try:
         run_server(server_args)

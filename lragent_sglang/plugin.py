@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 
 from lragent_sglang import cpu_compat
+from lragent_sglang import backends
 from lragent_sglang.backends import BACKEND_NAME, create_attention_backend, create_tree_cache
+from lragent_sglang.config import ConfigError, scheme_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,12 @@ def register() -> None:
     if cpu_compat.wanted():
         cpu_compat.apply_early()
         cpu_compat.register_hooks()
+    try:
+        scheme_from_env()
+    except ConfigError:
+        logger.error("lragent: invalid LRAGENT_SCHEME; the backends will refuse to start")
+    else:
+        backends.register_hooks()
     if get_radix_cache_factory(BACKEND_NAME) is None:
         register_radix_cache_backend(BACKEND_NAME, create_tree_cache)
     if BACKEND_NAME not in ATTENTION_BACKENDS:
