@@ -34,6 +34,32 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
 
 
+def lora_pairs(lora_paths: object) -> list[tuple[str, str]]:
+    """(name, path) of each `--lora-paths` entry, in any form SGLang accepts."""
+    if isinstance(lora_paths, dict):
+        return [(str(k), str(v)) for k, v in lora_paths.items()]
+    pairs = []
+    for item in lora_paths or []:
+        if isinstance(item, str):
+            name, _, path = item.partition("=")
+            pairs.append((name, path or name))
+        elif isinstance(item, dict):
+            pairs.append((item.get("lora_name", "?"), item.get("lora_path", "")))
+        else:
+            pairs.append((item.lora_name, item.lora_path))
+    return pairs
+
+
+def max_rank(lora_paths: object) -> int:
+    """The largest rank among the `--lora-paths` adapters (0 without adapters)."""
+    ranks = [
+        int(json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 0))
+        for _, path in lora_pairs(lora_paths)
+        if (Path(path) / "adapter_config.json").is_file()
+    ]
+    return max(ranks, default=0)
+
+
 def _targets(raw: object, shapes: LlamaShapes) -> tuple[str, ...]:
     if raw == "all-linear":
         return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

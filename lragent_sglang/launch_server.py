@@ -17,7 +17,7 @@ import os
 import sys
 
 from lragent_sglang import cpu_compat
-from lragent_sglang.adapter_check import AdapterError, check_for_scheme, read_adapter
+from lragent_sglang.adapter_check import AdapterError, check_for_scheme, lora_pairs, read_adapter
 from lragent_sglang.backends import BACKEND_NAME
 from lragent_sglang.config import DEFAULT_SCHEME, SCHEME_ENV, SCHEMES
 
@@ -49,22 +49,6 @@ def with_defaults(argv: list[str], cpu: bool) -> list[str]:
         if not _has_flag(out, flag):
             out.extend([flag] if value is None else [flag, value])
     return out
-
-
-def lora_pairs(lora_paths: object) -> list[tuple[str, str]]:
-    """(name, path) of each `--lora-paths` entry, in any form SGLang accepts."""
-    if isinstance(lora_paths, dict):
-        return [(str(k), str(v)) for k, v in lora_paths.items()]
-    pairs = []
-    for item in lora_paths or []:
-        if isinstance(item, str):
-            name, _, path = item.partition("=")
-            pairs.append((name, path or name))
-        elif isinstance(item, dict):
-            pairs.append((item.get("lora_name", "?"), item.get("lora_path", "")))
-        else:
-            pairs.append((item.lora_name, item.lora_path))
-    return pairs
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,13 +42,20 @@ def lr_multiplicity(scheme: str, server_args: Any) -> int:
     return max(1, int(n))
 
 
+def lr_width(server_args: Any) -> int:
+    """LR row width: `--max-lora-rank`, else the largest rank among the adapters."""
+    from lragent_sglang.adapter_check import max_rank
+
+    return int(server_args.max_lora_rank or max_rank(server_args.lora_paths))
+
+
 def lr_bytes_per_token(server_args: Any, num_layers: int, dtype: torch.dtype) -> int:
     """Bytes the LR pool reserves per KV token (added to SGLang's per-token cell size)."""
     scheme = scheme_from_env()
     if not uses_lr_cache(scheme, server_args):
         return 0
     return lr_multiplicity(scheme, server_args) * LRTokenPool.bytes_per_slot(
-        server_args.max_lora_rank, num_layers, dtype
+        lr_width(server_args), num_layers, dtype
     )
 
 
@@ -104,7 +111,7 @@ def get_runtime(server_args: Any | None = None) -> LRAgentRuntime:
         _RUNTIME = LRAgentRuntime(
             scheme=scheme,
             enabled=uses_lr_cache(scheme, server_args),
-            width=int(server_args.max_lora_rank or 0),
+            width=lr_width(server_args),
         )
         logger.info("lragent runtime: scheme=%s, lr cache=%s", scheme, _RUNTIME.enabled)
     return _RUNTIME

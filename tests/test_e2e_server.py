@@ -1,4 +1,9 @@
-"""The real SGLang server on CPU with the LRAgent backends selected, against HF + peft."""
+"""The real SGLang server on CPU with the LRAgent backends selected, against HF + peft.
+
+The roles here read the same prompts, so only the non-shared scheme (stock SGLang
+behaviour through our backends) must equal HF token for token; the sharing schemes are
+tested in test_schemes.py.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ def server(smollm2, role_adapters):
     args = [
         "--model-path", str(smollm2), "--dtype", "float32",
         "--enable-lora", "--lora-paths", *lora, "--max-loras-per-batch", "4",
-        "--max-lora-rank", "8", "--lragent-scheme", "base-lr-shared",
+        "--max-lora-rank", "8", "--lragent-scheme", "non-shared",
     ]
     with ServerProcess(args) as srv:
         yield srv
@@ -152,9 +157,12 @@ def test_stock_sglang_launcher_starts_with_our_backends(smollm2, role_adapters):
         "--enable-lora", "--lora-paths", f"plan={role_adapters['plan']}",
         "--lora-backend", "torch_native", "--max-total-tokens", "4096",
     ]
-    with ServerProcess(args, module="sglang.launch_server") as srv:
+    env = {"LRAGENT_SCHEME": "base-lr-shared"}
+    with ServerProcess(args, module="sglang.launch_server", env=env) as srv:
         out = srv.generate(
-            text=PROMPTS[0], lora_path="plan",
+            text=PROMPTS[2], lora_path="plan",
             sampling_params={"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
         )
-    assert out["output_ids"] == hf_greedy(smollm2, role_adapters["plan"], PROMPTS[:1])[0]
+        stats = requests.get(srv.url + "/server_info", timeout=30).json()["internal_states"][0]["lragent"]
+    assert out["output_ids"] == hf_greedy(smollm2, role_adapters["plan"], PROMPTS[2:3])[0]
+    assert stats["scheme"] == "base-lr-shared" and stats["lr"]["tokens"] > 0

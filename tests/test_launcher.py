@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lragent_sglang.config import ConfigError, check_scheme, scheme_from_env
-from lragent_sglang.launch_server import build_parser, lora_pairs, with_defaults
+from lragent_sglang.adapter_check import lora_pairs
+from lragent_sglang.launch_server import build_parser, with_defaults
 
 
 def test_with_defaults_selects_our_backends_and_keeps_user_values():
