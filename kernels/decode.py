@@ -44,19 +44,21 @@ class DecodeConfig:
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
-def default_decode_config(device: torch.device, dtype: torch.dtype) -> DecodeConfig:
-    """64-token tiles, 2 stages on GPU (kernels/NOTES.md). Deeper pipelines measured faster
-    on an H100 (3 stages: -6% at 64 x 8k) but Triton 3.6 then pipelines the index -> K/V
-    gathers too, and one such build hit an illegal memory access; 2 stages never did. Small
-    tiles for fp32 (larger ones spill on sm_90) and under the interpreter."""
+def default_decode_config(device: torch.device, dtype: torch.dtype,
+                          long_splits: bool = True) -> DecodeConfig:
+    """Tile options measured on an H100 (kernels/NOTES.md): 64-token tiles 3 stages deep for
+    long splits (>= 2k tokens), 32-token tiles 4 deep for short ones (less pipeline fill per
+    split). Small tiles for fp32 (larger ones spill on sm_90) and under the interpreter."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
-    return DecodeConfig()
+    if long_splits:
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+    return DecodeConfig(block_n=32, num_warps=4, num_stages=4)
 
 
 def head_block(group: int) -> int:

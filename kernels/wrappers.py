@@ -22,7 +22,7 @@ import torch
 import triton
 
 from .common import padded_rank
-from .decode import DecodeConfig, flash_lora_decode, head_block
+from .decode import DecodeConfig, default_decode_config, flash_lora_decode, head_block
 from .extend import ExtendConfig, flash_lora_extend
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ class FlashLoRADecodeWrapper:
 
         kv_indptr ``[batch + 1]``; kv_indices / lr_indices ``[kv_indptr[-1]]``; adapter_ids
         ``[batch]`` int32. ``max_kv_len`` (a host int, optional) keeps short contexts from
-        being over-split; ``num_kv_splits`` overrides the heuristic. Under CUDA graphs, plan
+        being over-split and picks the tile shape for the split length; ``num_kv_splits``
+        overrides the heuristic. Under CUDA graphs, plan
         with the same batch size (same split count) as at capture.
         """
         _check_lr_plan(lr_indices, adapter_ids)
@@ -106,6 +107,9 @@ class FlashLoRADecodeWrapper:
             batch, splits, h, self._r_pad)
         self._mid_lse_view = self._mid_lse[: batch * splits * h].view(batch, splits, h)
         self.batch, self.num_kv_splits = batch, splits
+        long_splits = max_kv_len // splits >= 2048 if max_kv_len is not None else splits <= 2
+        self._run_config = self.config or default_decode_config(self.device, torch.bfloat16,
+                                                                long_splits)
         self.kv_indptr, self.kv_indices = kv_indptr, kv_indices
         self.lr_indices, self.adapter_ids = lr_indices, adapter_ids
         self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
@@ -137,7 +141,7 @@ class FlashLoRADecodeWrapper:
             self.logit_cap,
             lr_buffer=lr_buffer if has_lr else None, lr_indices=self.lr_indices,
             b_weights=b_weights, adapter_ids=self.adapter_ids, mid_lr=mid_lr,
-            config=self.config,
+            config=self.config or (None if q.dtype == torch.float32 else self._run_config),
         )
 
 
