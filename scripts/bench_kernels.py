@@ -93,6 +93,8 @@ class Pools:
         self.b = {r: (torch.randn(N_ADAPTERS, N_KV, r, HEAD_DIM, device="cuda") * 0.3 / math.sqrt(r)).to(DTYPE)
                   for r in ranks}
         self.v_mat = torch.empty_like(self.v)
+        # do_bench_cudagraph times on a side stream: the inputs must be written before it.
+        torch.cuda.synchronize()
 
     def materialise(self, rank: int, token_pos: torch.Tensor, tokens_per_req: int,
                     adapter_of_req: torch.Tensor) -> None:
@@ -139,6 +141,7 @@ def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int
 
     w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch)
     w.plan(kv_indptr, kv_indices, lr_indices, adapters, max_kv_len=ctx)
+    torch.cuda.synchronize()
     res["splits"] = w.num_kv_splits
     res["ours_lr_off"] = bench(lambda: w.run(q, pools.k, pools.v, out=out), graph=True)
     all_pos = torch.arange(n_tok, device="cuda")
@@ -161,6 +164,7 @@ def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int
         num_splits = torch.empty(batch, dtype=torch.int32, device="cuda")
         sgl["splits"][(1,)](num_splits, kv_indptr[1:] - kv_indptr[:-1], batch, 1, N_QO, N_KV,
                             max_splits, sms, MAX_NUM_SEQ=max(256, triton.next_power_of_2(batch)))
+        torch.cuda.synchronize()
         logits = torch.empty(batch, N_QO, max_splits, HEAD_DIM, dtype=torch.float32, device="cuda")
         lse = torch.empty(batch, N_QO, max_splits, dtype=torch.float32, device="cuda")
         res["sglang"] = try_bench("sglang decode", lambda: sgl["decode"](
@@ -174,6 +178,7 @@ def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int
                     N_QO, N_KV, HEAD_DIM, 1, q_data_type=DTYPE, kv_data_type=DTYPE,
                     sm_scale=scale)
             cache = (pools.k.unsqueeze(1), pools.v.unsqueeze(1))
+            torch.cuda.synchronize()
             return lambda: fw.run(q, cache)
         try:
             res["flashinfer"] = try_bench("flashinfer decode", fi_setup(), graph=True)
@@ -267,6 +272,7 @@ def sweep_decode(rank: int) -> list[dict]:
         adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
         q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
         out = torch.empty_like(q)
+        torch.cuda.synchronize()
         for block_n, warps, stages in ((32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2),
                                        (64, 4, 3), (64, 8, 2), (128, 8, 2)):
             cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
