@@ -1,0 +1,250 @@
+"""SGLang frontend support for agents with one LoRA adapter per role.
+
+SGLang's `gen()` has no adapter argument and its `RuntimeEndpoint` never sends
+`lora_path`. Here the adapter is a property of a program state: `set_adapter(s, "plan")`
+(or `fork_roles`, which forks one branch per role) stores it in the state's variables,
+and `LRAgentEndpoint` sends it as `lora_path` on every `/generate` that state makes.
+Variables are copied by `fork`, so a branch keeps its parent's adapter until rebound.
+
+    sgl.set_default_backend(LRAgentEndpoint(url))
+    forks = fork_roles(s, ["plan", "action", "reflect"])
+    forks += sgl.assistant(sgl.gen("answer", max_tokens=64))
+    join_roles(s, forks, "answer")
+
+The fork prefix commit (SGLang sends one when `fork(n)` has n > 1) is a request of the
+parent state, so it carries the parent's adapter: none for an unbound shared trajectory.
+With the base-lr-shared scheme a request without an adapter still writes the base KV and
+the shared LR rows, so every role's branch then hits the whole committed prefix; with
+base-shared the roles hit the base pages and re-prefill only their LR rows; with
+non-shared only requests without an adapter hit it. `cache_prefix` (SGLang's program
+prefix caching) has no state and goes without an adapter too.
+
+`Runtime` is the counterpart of `sgl.Runtime` for our launcher.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sglang.lang.api import assistant
+from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+from sglang.lang.interpreter import ProgramState, ProgramStateGroup, StreamExecutor
+from sglang.lang.ir import SglExpr
+
+from lragent_sglang.config import DEFAULT_SCHEME
+from lragent_sglang.server_process import ServerProcess
+
+logger = logging.getLogger(__name__)
+
+# The state variable that holds the adapter name (None: the base model).
+ADAPTER_VAR = "__lragent_lora_path__"
+
+
+def _executor(s: ProgramState | StreamExecutor) -> StreamExecutor:
+    return s.stream_executor if isinstance(s, ProgramState) else s
+
+
+def adapter_of(s: ProgramState | StreamExecutor) -> str | None:
+    """The adapter this state's requests carry (None: the base model)."""
+    return _executor(s).variables.get(ADAPTER_VAR)
+
+
+def set_adapter(s: ProgramState, adapter: str | None) -> ProgramState:
+    """Bind `adapter` to the state's later requests.
+
+    Waits for the state's queued expressions first: they run on a worker thread and
+    must keep the adapter that was bound when they were added.
+    """
+    exe = _executor(s)
+    exe.sync()
+    exe.variables[ADAPTER_VAR] = adapter
+    return s
+
+
+@contextmanager
+def with_adapter(s: ProgramState, adapter: str | None) -> Iterator[ProgramState]:
+    """`with with_adapter(s, "reflect"): s += sgl.gen(...)`, then the previous adapter."""
+    previous = adapter_of(s)
+    set_adapter(s, adapter)
+    try:
+        yield s
+    finally:
+        set_adapter(s, previous)
+
+
+class RoleForks(Mapping[str, ProgramState]):
+    """Branches of one trajectory by role name; `+=` adds an expression to every branch
+    and `join()` is SGLang's `ProgramStateGroup.join`."""
+
+    def __init__(self, group: ProgramStateGroup, roles: Sequence[str]) -> None:
+        self.group = group
+        self._states = dict(zip(roles, group.states))
+
+    def __getitem__(self, role: str) -> ProgramState:
+        return self._states[role]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __iadd__(self, other: Any) -> "RoleForks":
+        self.group += other
+        return self
+
+    def join(self, mode: str = "gather_variable") -> None:
+        self.group.join(mode)
+
+
+def bind_roles(forks: ProgramStateGroup, roles: Sequence[str | None]) -> RoleForks:
+    """Bind `roles[i]` as the adapter of `forks[i]` (from `s.fork(len(roles))`)."""
+    if len(roles) != len(forks.states):
+        raise ValueError(f"{len(roles)} roles for {len(forks.states)} forks")
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"roles must be distinct, got {list(roles)}")
+    if forks.src_state is not None:
+        # A parent that has the variable keeps it on join (SGLang gathers only new names).
+        forks.src_state.stream_executor.variables.setdefault(ADAPTER_VAR, None)
+    for state, role in zip(forks.states, roles):
+        set_adapter(state, role)
+    return RoleForks(forks, roles)
+
+
+def fork_roles(s: ProgramState, roles: Sequence[str | None]) -> RoleForks:
+    """One branch of `s` per role, each bound to that role's adapter.
+
+    Syncs `s` first: SGLang's `fork` decides whether to commit the shared prefix by
+    reading the parent's text before its queued expressions have run, so without the
+    sync the commit is skipped whenever the trajectory was extended just before.
+    """
+    if not roles:
+        raise ValueError("fork_roles needs at least one role")
+    s.sync()
+    return bind_roles(s.fork(len(roles)), roles)
+
+
+def role_turn(role: str | None, text: str) -> SglExpr:
+    """How `join_roles` writes a branch's result into the shared trajectory by default."""
+    return assistant(f"[{role or 'base'}] {text.strip()}")
+
+
+def join_roles(
+    s: ProgramState,
+    forks: RoleForks,
+    var: str,
+    render: Callable[[str | None, str], SglExpr | str] = role_turn,
+) -> dict[str | None, str]:
+    """Append each branch's `var` to `s` in role order, join the branches, and return
+    the values by role."""
+    values = {role: state[var] for role, state in forks.items()}
+    for role, value in values.items():
+        s += render(role, value)
+    forks.join()
+    return values
+
+
+class LRAgentEndpoint(RuntimeEndpoint):
+    """`RuntimeEndpoint` that sends each state's adapter as `lora_path`.
+
+    In SGLang 0.5.17 every `/generate` made for a state (`generate`, `generate_stream`,
+    the three requests of `select`, `commit_lazy_operations`, `fill_image`) passes its
+    payload through `_add_images(s, data)`, so that one helper is where the adapter
+    joins the payload. A string `lora_path` applies to every prompt of a batched payload.
+    """
+
+    def _add_images(self, s: StreamExecutor, data: dict[str, Any]) -> None:
+        super()._add_images(s, data)
+        adapter = adapter_of(s)
+        if adapter is not None:
+            data["lora_path"] = adapter
+
+
+def _server_flags(server_args: Mapping[str, Any]) -> list[str]:
+    """`sgl.Runtime`-style keyword arguments as launcher flags: `lora_paths={"plan": p}`
+    -> `--lora-paths plan=p`, `enable_lora=True` -> `--enable-lora`, None/False dropped."""
+    argv: list[str] = []
+    for key, value in server_args.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, Mapping):
+            argv.extend([flag, *(f"{name}={path}" for name, path in value.items())])
+        elif isinstance(value, (list, tuple)):
+            argv.extend([flag, *map(str, value)])
+        else:
+            argv.extend([flag, str(value)])
+    return argv
+
+
+class Runtime:
+    """Our launcher in a child process, like `sgl.Runtime`, for scripts and notebooks.
+
+        runtime = Runtime(model_path=m, enable_lora=True, lora_paths={"plan": p})
+        sgl.set_default_backend(runtime.endpoint)
+
+    Positional `args` are raw launcher flags; keyword arguments become flags. The server
+    stops on `shutdown()`, on leaving a `with` block, and at interpreter exit.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        chat_template_name: str | None = None,
+        startup_timeout: float = 300.0,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        **server_args: Any,
+    ) -> None:
+        self._server = ServerProcess(
+            [*args, *_server_flags(server_args)], startup_timeout, env=env, log_path=log_path
+        )
+        atexit.register(self.shutdown)
+        try:
+            self._server.start()
+            self.url = self._server.url
+            self.endpoint = LRAgentEndpoint(self.url, chat_template_name=chat_template_name)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @classmethod
+    def smollm2(cls, scheme: str = DEFAULT_SCHEME, **kwargs: Any) -> "Runtime":
+        """The embedded SmolLM2-135M-Instruct with the three shared-A role adapters."""
+        from lragent_sglang.adapters import default_role_adapters
+        from lragent_sglang.models import default_cache_dir, smollm2_checkpoint
+
+        model = smollm2_checkpoint()
+        server_args: dict[str, Any] = {
+            "model_path": model,
+            "dtype": "float32",
+            "enable_lora": True,
+            "lora_paths": default_role_adapters(model, default_cache_dir()),
+            "max_loras_per_batch": 4,
+            "max_lora_rank": 8,
+            "lragent_scheme": scheme,
+            "chat_template_name": "chatml",
+        }
+        return cls(**{**server_args, **kwargs})
+
+    @property
+    def log_path(self) -> Path:
+        return self._server.log_path
+
+    def shutdown(self) -> None:
+        """Stop the server and all its processes; safe to call more than once."""
+        atexit.unregister(self.shutdown)
+        self._server.stop()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
