@@ -93,7 +93,7 @@ class FlashLoRADecodeWrapper:
         ``[batch]`` int32. ``max_kv_len`` (a host int, optional) keeps short contexts from
         being over-split and picks the tile shape for the split length; ``num_kv_splits``
         overrides the heuristic. Under CUDA graphs, plan
-        with the same batch size (same split count) as at capture.
+        with the same batch size and max_kv_len (same split count and tiles) as at capture.
         """
         _check_lr_plan(lr_indices, adapter_ids)
         batch = kv_indptr.shape[0] - 1
