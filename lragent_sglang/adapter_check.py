@@ -7,6 +7,7 @@ scheduler process; these checks run first and fail with one line naming the adap
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,11 +109,97 @@ def read_adapter(name: str, path: str | Path, model_path: str | Path) -> Adapter
     )
 
 
-def _v_proj_a(info: AdapterInfo) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a PEFT adapter folder (safetensors preferred, else the .bin)."""
+    path = Path(path)
+    if (path / _WEIGHT_FILES[0]).is_file():
+        from safetensors.torch import load_file
 
-    weights = load_file(str(info.path / "adapter_model.safetensors"))
-    return {k: v for k, v in weights.items() if "v_proj.lora_A" in k}
+        return load_file(str(path / _WEIGHT_FILES[0]))
+    return torch.load(path / _WEIGHT_FILES[1], map_location="cpu", weights_only=True)
+
+
+def _v_proj_a(info: AdapterInfo) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in adapter_tensors(info.path).items() if "v_proj.lora_A" in k}
+
+
+_LORA_KEY = re.compile(r"\blayers\.(?P<layer>\d+)\.(?:.*\.)?(?P<module>\w+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$")
+
+
+def lora_matrices(weights: dict[str, torch.Tensor], module: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the (A [r, in], B [out, r]) of one target module; AdapterError if a layer
+    has only one of the two."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        match = _LORA_KEY.search(key)
+        if match and match["module"] == module:
+            found.setdefault(int(match["layer"]), {})[match["ab"]] = tensor
+    pairs = {}
+    for layer, ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"layer {layer} {module} has lora_{''.join(ab)} but not both A and B")
+        pairs[layer] = (ab["A"], ab["B"])
+    return pairs
+
+
+def check_config(info: AdapterInfo) -> None:
+    """Refuse adapter settings that SGLang would serve differently from PEFT: it scales
+    every layer by lora_alpha / r and reads neither rsLoRA, DoRA nor per-layer patterns."""
+    cfg = json.loads((info.path / "adapter_config.json").read_text())
+    if info.rank < 1:
+        raise AdapterError(f"adapter {info.name!r}: rank r={cfg.get('r')!r} must be >= 1")
+    if "lora_alpha" not in cfg:
+        raise AdapterError(f"adapter {info.name!r}: adapter_config.json has no lora_alpha (SGLang needs it)")
+    if cfg.get("use_rslora"):
+        raise AdapterError(
+            f"adapter {info.name!r} uses rsLoRA (scale alpha/sqrt(r)); SGLang scales by alpha/r, "
+            "so it would serve a different model"
+        )
+    if cfg.get("use_dora"):
+        raise AdapterError(f"adapter {info.name!r} is a DoRA adapter, which SGLang does not serve")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(field):
+            raise AdapterError(
+                f"adapter {info.name!r} sets {field}; SGLang uses one r and alpha for all layers"
+            )
+
+
+def check_weights(info: AdapterInfo, model_path: str | Path) -> list[str]:
+    """Check every LoRA tensor's shape against the model and the adapter's rank (AdapterError
+    on a mismatch); return notes on things that serve but are probably unintended."""
+    shapes = LlamaShapes.from_checkpoint(Path(model_path))
+    try:
+        weights = adapter_tensors(info.path)
+    except Exception as exc:  # a truncated or foreign file: report it, whatever the loader raised
+        raise AdapterError(f"adapter {info.name!r}: cannot read its weights ({exc})") from None
+    notes = []
+    modules = {m.group("module") for m in map(_LORA_KEY.search, weights) if m}
+    for module in sorted(modules):
+        parts = _FUSED.get(module, (module,))
+        if not set(parts) <= set(info.target_modules):
+            raise AdapterError(f"adapter {info.name!r} has {module} weights but does not target it")
+        fan_in = shapes.in_out(parts[0])[0]
+        fan_out = sum(shapes.in_out(part)[1] for part in parts)
+        try:
+            pairs = lora_matrices(weights, module)
+        except AdapterError as exc:
+            raise AdapterError(f"adapter {info.name!r}: {exc}") from None
+        for layer, (a, b) in pairs.items():
+            if layer >= shapes.num_layers:
+                raise AdapterError(
+                    f"adapter {info.name!r} has weights for layer {layer}, the model has {shapes.num_layers}"
+                )
+            if tuple(a.shape) != (info.rank, fan_in) or tuple(b.shape) != (fan_out, info.rank):
+                raise AdapterError(
+                    f"adapter {info.name!r} layer {layer} {module}: A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                    f"expected A ({info.rank}, {fan_in}), B ({fan_out}, {info.rank}) for r={info.rank} "
+                    "and this model (an adapter for another model size?)"
+                )
+        if pairs and all(not b.any() for _, b in pairs.values()):
+            notes.append(f"{module} B is all zero (an untrained adapter: the base model)")
+    if not modules:
+        raise AdapterError(f"adapter {info.name!r} has no LoRA weights")
+    return notes
 
 
 def check_for_scheme(infos: list[AdapterInfo], scheme: str, max_lora_rank: int | None) -> None:

@@ -1,0 +1,108 @@
+"""Joint low-rank basis of several adapters' v_proj A (LRAgent's extension for
+independently trained adapters).
+
+Stack the rows of A_1..A_n ([r_i, hidden] each) and take an orthonormal basis A_s of
+their row space ([k, hidden], k <= sum r_i). Every A_i then factors exactly as
+A_i = C_i A_s with C_i = A_i A_s^T, so B_i A_i x = (B_i C_i)(A_s x): one shared LR cache
+`X A_s^T` of width k serves every adapter, each with its own up-projection B_i C_i.
+
+Truncating A_s to its K leading singular directions trades exactness for a narrower LR
+cache; `truncation` reports what that costs per adapter.
+
+Everything is computed in float64 (the SVD decides the rank, and exactness tests compare
+against float tolerance); results come back in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_RTOL = 1e-6
+
+
+def _stack(a_list: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not a_list:
+        raise ValueError("joint_basis needs at least one A matrix")
+    hidden = {a.shape[-1] for a in a_list}
+    if any(a.dim() != 2 for a in a_list) or len(hidden) != 1:
+        raise ValueError(f"A matrices must be 2-D with one hidden size, got {[tuple(a.shape) for a in a_list]}")
+    return torch.cat([a.detach().to(torch.float64) for a in a_list], dim=0)
+
+
+def singular_values(a_list: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Singular values (descending, float64) of the stacked A rows."""
+    return torch.linalg.svdvals(_stack(a_list))
+
+
+def joint_rank(s: torch.Tensor, rtol: float = DEFAULT_RTOL) -> int:
+    """Numerical rank: singular values above rtol times the largest one."""
+    if s.numel() == 0 or s[0] <= 0:
+        return 0
+    return int((s > rtol * s[0]).sum())
+
+
+def joint_basis(
+    a_list: Sequence[torch.Tensor], rtol: float = DEFAULT_RTOL, max_k: int | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(A_s [k, hidden] with orthonormal rows, [C_i = A_i A_s^T, each [r_i, k]]).
+
+    k is the numerical rank of the stacked rows (relative tolerance `rtol`), capped at
+    `max_k` if given; with the cap below the rank the factorisation is the best rank-K
+    approximation in the stacked rows' Frobenius norm, no longer exact.
+    """
+    stacked = _stack(a_list)
+    _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    k = joint_rank(s, rtol)
+    if max_k is not None:
+        k = min(k, max_k)
+    basis = vh[:k]
+    dtype = a_list[0].dtype
+    coeffs = [(a.detach().to(torch.float64) @ basis.T).to(dtype) for a in a_list]
+    return basis.to(dtype), coeffs
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What keeping K basis rows costs: energy kept of the stacked A, and per adapter the
+    relative Frobenius error of its delta B_i A_i."""
+
+    k: int
+    full_k: int
+    energy_kept: float
+    rel_errors: tuple[float, ...]
+
+
+def truncation(
+    a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor], max_k: int, rtol: float = DEFAULT_RTOL
+) -> Truncation:
+    """Cost of a K-row joint basis: energy = sum of kept s^2 / total, error_i =
+    ||B_i A_i - B_i A_i P_K|| / ||B_i A_i|| with P_K the projector onto the K rows.
+
+    The error uses the r x r Gram matrices (||B M||^2 = tr(B^T B M M^T)), so it costs no
+    [out, hidden] product even for 8B-sized layers.
+    """
+    if len(a_list) != len(b_list):
+        raise ValueError(f"{len(a_list)} A matrices but {len(b_list)} B matrices")
+    if max_k < 0:
+        raise ValueError(f"max_k must be >= 0, got {max_k}")
+    stacked = _stack(a_list)
+    _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    full_k = joint_rank(s, rtol)
+    k = min(max_k, full_k)
+    energy = s.square()
+    kept = float(energy[:k].sum() / energy.sum()) if energy.sum() > 0 else 1.0
+    basis = vh[:k]
+    errors = []
+    for a, b in zip(a_list, b_list):
+        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        if b64.shape[-1] != a64.shape[0]:
+            raise ValueError(f"B {tuple(b64.shape)} does not match A {tuple(a64.shape)}")
+        gram_b = b64.T @ b64
+        resid = a64 - (a64 @ basis.T) @ basis
+        total = torch.trace(gram_b @ (a64 @ a64.T))
+        lost = torch.trace(gram_b @ (resid @ resid.T)).clamp_min(0)
+        errors.append(float((lost / total).sqrt()) if total > 0 else 0.0)
+    return Truncation(k=k, full_k=full_k, energy_kept=kept, rel_errors=tuple(errors))
