@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, default=8)
     train.add_argument("--alpha", type=float, default=16.0)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--steps", type=int, default=60, help="optimizer steps per role")
+    train.add_argument("--steps", type=int, default=30, help="optimizer steps per role (default: %(default)s)")
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--max-len", type=int, default=256, help="tokens per example (prompt cut from the left)")
     train.add_argument("--format", choices=("chat", "plain"), default="chat",

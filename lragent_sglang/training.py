@@ -28,12 +28,17 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     lr: float = 1e-3
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 4
     max_len: int = 256
     seed: int = 0
@@ -112,7 +117,7 @@ def load_examples(path: Path) -> list[RoleExample]:
     return examples
 
 
-def encode(tokenizer, example: RoleExample, fmt: str, max_len: int) -> tuple[list[int], list[int]]:
+def encode(tokenizer: PreTrainedTokenizerBase, example: RoleExample, fmt: str, max_len: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with labels IGNORE_INDEX on the prompt; the prompt is cut from the
     left when too long, so the completion (what is learnt) survives."""
     if fmt == "chat":
@@ -141,7 +146,7 @@ def _collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device: 
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int):
+def _batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
     """Index batches over reshuffled epochs: every example once per epoch, reproducibly."""
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -153,7 +158,7 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         order = order[take:]
 
 
-def _role_params(model, role: str) -> dict[str, torch.nn.Parameter]:
+def _role_params(model: PeftModel, role: str) -> dict[str, torch.nn.Parameter]:
     """The role's LoRA parameters by PEFT key without the adapter name."""
     suffix = f".{role}.weight"
     return {
@@ -169,7 +174,7 @@ def _group(name: str) -> str:
     return ".".join(parts[-3:-1])
 
 
-def _train_one(model, role: str, data: list[tuple[list[int], list[int]]], cfg: TrainConfig,
+def _train_one(model: PeftModel, role: str, data: list[tuple[list[int], list[int]]], cfg: TrainConfig,
                pad_id: int, seed: int, progress: bool) -> tuple[list[float], dict[str, float], list[str]]:
     params = _role_params(model, role)
     start = {k: p.detach().clone() for k, p in params.items()}
