@@ -129,3 +129,97 @@ class LRAgentTorchAttnBackend(TorchNativeAttnBackend):
         if save_kv_cache and k is not None:
             self._save(k, v, layer, forward_batch)
         return self._attend(q, layer, forward_batch, decode=True)
+
+
+def ragged_indices(table: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`indptr [B+1]` and the concatenated `table[rows[b], :lens[b]]` (one host sync)."""
+    indptr = torch.zeros(len(lens) + 1, dtype=torch.int32, device=lens.device)
+    indptr[1:] = torch.cumsum(lens, 0)
+    total = int(indptr[-1])
+    owner = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens, output_size=total)
+    pos = torch.arange(total, device=lens.device) - indptr[owner].to(torch.int64)
+    return indptr, table[rows[owner], pos].to(torch.int64)
+
+
+class LRAgentTritonAttnBackend(LRAgentTorchAttnBackend):
+    """The Flash-LoRA Triton kernels (`lragent_sglang.kernels`) behind plan()/run().
+
+    Extend reads the new tokens' K / V_base / L densely; rows of an LR prefill gap take
+    the pool's (first writer's) K / V_base instead of the recomputed ones, as on CPU.
+    CUDA graphs are not supported yet (the launcher disables them for this backend).
+    """
+
+    def __init__(self, runner: Any) -> None:
+        from lragent_sglang.kernels import FlashLoRADecodeWrapper, FlashLoRAExtendWrapper
+
+        super().__init__(runner)
+        cfg = runner.model_config
+        h_q = cfg.num_attention_heads // runner.tp_size
+        h_kv = max(1, cfg.get_num_kv_heads(runner.tp_size))
+        self.scaling = cfg.head_dim ** -0.5
+        self.decode_wrapper = FlashLoRADecodeWrapper(h_q, h_kv, cfg.head_dim, max_lr_rank=max(self.rt.width, 1), device=runner.device)
+        self.extend_wrapper = FlashLoRAExtendWrapper(h_q, h_kv, cfg.head_dim, device=runner.device)
+        self.extend_loc: torch.Tensor | None = None
+
+    def init_cuda_graph_state(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "the lragent base-sharing backend does not support CUDA graphs yet: pass --disable-cuda-graph"
+        )
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)
+        rt = self.rt
+        rows = forward_batch.req_pool_indices
+        req_to_token = self.req_to_token_pool.req_to_token
+        adapter_ids = None
+        if rt.enabled:
+            live = torch.tensor([rt.slot_uid.get(int(s)) is not None for s in self.req_slot.tolist()], device=self.device)
+            adapter_ids = torch.where(live, self.req_slot, -1).to(torch.int32)
+        if forward_batch.forward_mode.is_decode_or_idle():
+            lens = forward_batch.seq_lens.to(torch.int64)
+            indptr, kv_idx = ragged_indices(req_to_token, rows, lens)
+            lr_idx = ragged_indices(rt.lr_pool.req_to_lr, rows, lens)[1] if rt.enabled else None
+            self.decode_wrapper.plan(indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling,
+                                     max_kv_len=int(lens.max()) if len(lens) else 1)
+            return
+        prefix = forward_batch.extend_prefix_lens.to(torch.int64)
+        ext = forward_batch.extend_seq_lens.to(torch.int64)
+        indptr, kv_idx = ragged_indices(req_to_token, rows, prefix)
+        lr_idx = ragged_indices(rt.lr_pool.req_to_lr, rows, prefix)[1] if rt.enabled else None
+        qo_indptr = torch.zeros(len(ext) + 1, dtype=torch.int32, device=self.device)
+        qo_indptr[1:] = torch.cumsum(ext, 0)
+        self.extend_wrapper.plan(qo_indptr, indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling,
+                                 max_extend_len=int(ext.max()) if len(ext) else 0)
+        token_rows = torch.repeat_interleave(rows, ext)
+        loc = req_to_token[token_rows, forward_batch.positions.to(torch.int64)].to(torch.int64)
+        self.extend_loc = loc if bool((forward_batch.out_cache_loc == 0).any()) else None
+
+    def _lr_args(self, layer: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.rt.enabled:
+            return None, None
+        return self.rt.lr_pool.lr_buffer[layer.layer_id], self.rt.b_v[layer.layer_id]
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if save_kv_cache and k is not None:
+            self._save(k, v, layer, forward_batch)
+        k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_buf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        h_q, h_kv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        k_ext, v_ext = k.view(-1, h_kv, d), v.view(-1, h_kv, d)
+        if self.extend_loc is not None:
+            k_ext, v_ext = k_buf[self.extend_loc], v_buf[self.extend_loc]
+        lr_buffer, b = self._lr_args(layer)
+        lr_rows = lr_buffer[self.lr_out_loc] if lr_buffer is not None else None
+        out = self.extend_wrapper.run(q.view(-1, h_q, d), k_ext, v_ext, k_buf, v_buf, lr_rows, lr_buffer, b)
+        return out.view(-1, h_q * d)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if save_kv_cache and k is not None:
+            self._save(k, v, layer, forward_batch)
+        lr_buffer, b = self._lr_args(layer)
+        h_q, d = layer.tp_q_head_num, layer.head_dim
+        out = self.decode_wrapper.run(
+            q.view(-1, h_q, d), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id), lr_buffer, b,
+        )
+        return out.view(-1, h_q * d)

@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | non-shared | SGLang's RadixCache, keyed by adapter (stock) | SGLang's (Triton on GPU, torch on CPU) |
 | full-shared | SGLang's RadixCache keyed by tokens only: V with the writer's delta is reused | SGLang's |
-| base-shared, base-lr-shared | `LRAgentRadixCache` (shared base pages + LR pages) | `LRAgentTorchAttnBackend` (`P V_base + (P L) B`) |
+| base-shared, base-lr-shared | `LRAgentRadixCache` (shared base pages + LR pages) | Flash-LoRA (`P V_base + (P L) B`): Triton kernels on GPU, torch on CPU |
 
 Base-sharing schemes without `--enable-lora` share everything there is (no adapters).
 """
@@ -51,10 +51,13 @@ def create_attention_backend(runner: Any) -> Any:
     """Attention-backend factory (`register_attention_backend`)."""
     scheme = scheme_from_env()
     if scheme in BASE_SHARING:
-        from lragent_sglang.attention import LRAgentTorchAttnBackend
+        from lragent_sglang.attention import LRAgentTorchAttnBackend, LRAgentTritonAttnBackend
 
-        logger.info("lragent attention: scheme=%s, Flash-LoRA math (torch)", scheme)
-        return LRAgentTorchAttnBackend(runner)
+        if cpu_compat.wanted():
+            logger.info("lragent attention: scheme=%s, Flash-LoRA math (torch, CPU)", scheme)
+            return LRAgentTorchAttnBackend(runner)
+        logger.info("lragent attention: scheme=%s, Flash-LoRA Triton kernels", scheme)
+        return LRAgentTritonAttnBackend(runner)
     if cpu_compat.wanted():
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 

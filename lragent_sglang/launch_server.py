@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     load_plugins()
     from sglang.srt.server_args import prepare_server_args
 
-    server_args = prepare_server_args(with_defaults(rest, cpu))
+    argv = with_defaults(rest, cpu)
+    if not cpu and ours.lragent_scheme in ("base-shared", "base-lr-shared") and not _has_flag(argv, "--disable-cuda-graph"):
+        argv.append("--disable-cuda-graph")  # the Flash-LoRA backend has no CUDA-graph path yet
+    server_args = prepare_server_args(argv)
     try:
         infos = [read_adapter(name, path, server_args.model_path) for name, path in lora_pairs(server_args.lora_paths)]
         check_for_scheme(infos, ours.lragent_scheme, server_args.max_lora_rank)

@@ -28,6 +28,11 @@ def adapter_names(scheduler: Any) -> dict[str, str]:
 def lragent_state(scheduler: Any) -> dict[str, Any]:
     cache = scheduler.tree_cache
     state: dict[str, Any] = {"scheme": scheme_from_env()}
+    if not hasattr(cache, "stats") and hasattr(cache, "total_size"):
+        tokens = cache.total_size()
+        kv = cache.token_to_kv_pool_allocator.get_kvcache()
+        per_token = sum(b[0].numel() * b.element_size() for b in (*kv.k_buffer, *kv.v_buffer))
+        state["base"] = {"tokens": tokens, "bytes": tokens * per_token}
     if hasattr(cache, "stats"):
         stats = cache.stats()
         names = adapter_names(scheduler)

@@ -1,0 +1,140 @@
+"""The paper's 17-step plan/action/reflect trace against the real server, one server per
+scheme, all in one run (LRAGENT.md, "The emulated trace").
+
+Every trajectory has its own random tokens and runs its 17 steps in order (each prompt is
+the whole trajectory so far plus the new tokens); `--in-flight` trajectories run at once.
+Requests go over HTTP with token ids (`--skip-tokenizer-init`), streamed, so TTFT is the
+arrival of the first chunk. The `no-adapters` run is the same server with every request
+sent without an adapter: the upper bound of sharing. Prints a table, writes JSON.
+
+    python scripts/bench_trace.py --model-path M --lora-paths plan=P action=P reflect=P \
+        --context 8192 --in-flight 8 [--schemes non-shared base-lr-shared ...] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+from lragent_sglang.config import SCHEMES
+from lragent_sglang.server_process import ServerProcess
+
+logger = logging.getLogger(__name__)
+
+
+def paper_trace(context: int) -> list[tuple[str, int, int]]:
+    """(role, new prompt tokens, generated tokens) of the 17 steps; total 912 + 4 L."""
+    steps = [("plan", 512, 32), ("plan", 8, 8), ("action", 8, 8)]
+    for _ in range(4):
+        steps += [("plan", context, 32), ("plan", 8, 8), ("action", 8, 8)]
+    return steps + [("reflect", 32, 32), ("reflect", 8, 8)]
+
+
+def stream_generate(url: str, ids: list[int], role: str | None, n_gen: int) -> tuple[list[int], float, int]:
+    """(output ids, TTFT seconds, cached tokens) of one streamed greedy request."""
+    payload = {"input_ids": ids, "stream": True,
+               "sampling_params": {"max_new_tokens": n_gen, "temperature": 0, "ignore_eos": True}}
+    if role:
+        payload["lora_path"] = role
+    start = time.perf_counter()
+    ttft, last = None, None
+    with requests.post(url + "/generate", json=payload, stream=True, timeout=3600) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            last = json.loads(line[5:])
+    return last["output_ids"], ttft or 0.0, last["meta_info"]["cached_tokens"]
+
+
+def run_trajectory(url: str, seed: int, steps: list, roles: bool, vocab: int, out: dict, bar: tqdm) -> None:
+    rng = random.Random(seed)
+    traj: list[int] = []
+    ttft = cached = prompt = 0.0
+    for role, n_new, n_gen in steps:
+        traj += [rng.randrange(100, vocab) for _ in range(n_new)]
+        gen, t, c = stream_generate(url, traj, role if roles else None, n_gen)
+        ttft += t
+        cached += c
+        prompt += len(traj)
+        traj += gen
+        bar.update(1)
+    out[seed] = {"tokens": len(traj), "ttft_sum_s": ttft, "cached": cached, "prompt": prompt}
+
+
+def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, label: str) -> dict:
+    results: dict[int, dict] = {}
+    bar = tqdm(total=len(steps) * in_flight, desc=label, leave=False)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run_trajectory, args=(url, 1000 + i, steps, roles, vocab, results, bar))
+               for i in range(in_flight)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    bar.close()
+    if len(results) != in_flight:
+        raise RuntimeError(f"{label}: {in_flight - len(results)} trajectories failed")
+    info = requests.get(url + "/server_info", timeout=60).json()["internal_states"][0].get("lragent", {})
+    kv_bytes = info.get("base", {}).get("bytes", 0) + info.get("lr", {}).get("bytes", 0)
+    tokens = sum(r["tokens"] for r in results.values())
+    return {
+        "throughput_tok_s": tokens / wall,
+        "wall_s": wall,
+        "ttft_sum_s": sum(r["ttft_sum_s"] for r in results.values()) / in_flight,
+        "cached_fraction": sum(r["cached"] for r in results.values()) / sum(r["prompt"] for r in results.values()),
+        "kv_bytes_per_trajectory": kv_bytes / in_flight,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--lora-paths", nargs="+", required=True, help="plan=DIR action=DIR reflect=DIR")
+    parser.add_argument("--context", type=int, default=2048, help="L, the tool-output length")
+    parser.add_argument("--in-flight", type=int, default=1)
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--no-adapter-run", action="store_true", help="also run the trace without adapters")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--out", type=Path, default=Path("artifacts/bench_trace.json"))
+    parser.add_argument("server_flags", nargs=argparse.REMAINDER, help="after --: extra SGLang flags")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    steps = paper_trace(args.context)
+    extra = [f for f in args.server_flags if f != "--"]
+    base = ["--model-path", args.model_path, "--skip-tokenizer-init", "--enable-lora",
+            "--lora-paths", *args.lora_paths, *extra]
+    runs = [(s, True) for s in args.schemes] + ([("non-shared", False)] if args.no_adapter_run else [])
+    table: dict[str, dict] = {}
+    for scheme, roles in runs:
+        label = scheme if roles else "no-adapters"
+        with ServerProcess([*base, "--lragent-scheme", scheme], log_path=args.out.with_suffix(f".{label}.log")) as srv:
+            stream_generate(srv.url, [100, 101, 102], None, 2)  # warm the kernels
+            table[label] = run_scheme(srv.url, steps, args.in_flight, roles, args.vocab, label)
+        logger.info("%s: %s", label, table[label])
+    ref = table.get("non-shared")
+    print(f"\ntrace L={args.context} ({912 + 4 * args.context} tokens), {args.in_flight} in flight")
+    print(f"{'run':16s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} {'KV MB/traj':>10s}")
+    for label, r in table.items():
+        ratio = r["throughput_tok_s"] / ref["throughput_tok_s"] if ref else float("nan")
+        print(f"{label:16s} {r['throughput_tok_s']:9.0f} {ratio:8.2f} {r['ttft_sum_s']:10.2f} "
+              f"{r['cached_fraction']:7.2f} {r['kv_bytes_per_trajectory'] / 2**20:10.1f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"context": args.context, "in_flight": args.in_flight, "runs": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
