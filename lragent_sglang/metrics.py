@@ -9,9 +9,11 @@ collector's labels (model_name, tp_rank, ...), so data-parallel schedulers stay 
 
 Updates ride on `SchedulerMetricsCollector.log_stats`, which SGLang calls after each
 prefill batch, every `--decode-log-interval` decode steps and when the scheduler goes
-idle: one `cache.stats()` snapshot per call, counters advanced by the delta since the
-previous snapshot. Registered for the base-sharing schemes only (the other schemes use
-SGLang's RadixCache, which has no such statistics).
+idle (at the latest 30 s later): one `cache.stats()` snapshot per call, counters advanced
+by the delta since the previous snapshot. So, like SGLang's own gauges, the values are
+those of SGLang's last publish; `/lragent/stats` is read live. Registered for the
+base-sharing schemes only (the other schemes use SGLang's RadixCache, which has no such
+statistics).
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ def families_for(collector: Any, labelnames: tuple[str, ...]) -> Families:
     per_adapter = [*labelnames, ADAPTER_LABEL]
 
     def counters(spec: dict[str, tuple[str, str]], names: list[str]) -> dict[str, Any]:
-        return {f: counter_cls(name=PREFIX + n, documentation=d, labelnames=names) for f, (n, d) in spec.items()}
+        return {
+            f: counter_cls(name=PREFIX + n, documentation=d, labelnames=names) for f, (n, d) in spec.items()
+        }
 
     def gauges(spec: dict[str, tuple[str, str]], names: list[str]) -> dict[str, Any]:
         return {
@@ -121,11 +125,14 @@ class LRAgentMetrics:
         self.fams.info.labels(**self.labels, scheme=scheme_from_env()).set(1)
 
     def advance(self, counter: Any, key: tuple[str, str], value: int, labels: dict[str, str]) -> None:
-        """Add what `value` (a cumulative number) grew by; after a reset it counts from 0."""
-        prev = self.last.get(key, 0)
-        delta = value - prev if value >= prev else value
-        if delta:
-            counter.labels(**labels).inc(delta)
+        """Add what `value` (a cumulative number) grew by; after a reset it counts from 0.
+        Series are created at 0 on first sight, so a rate() over them starts from there."""
+        prev = self.last.get(key)
+        child = counter.labels(**labels)
+        if prev is None or value < prev:
+            prev = 0
+        if value > prev:
+            child.inc(value - prev)
         self.last[key] = value
 
     def update(self) -> None:

@@ -32,10 +32,11 @@ class FakeMetric:
     class Child:
         def __init__(self, parent: "FakeMetric", key: tuple[str, ...]) -> None:
             self.parent, self.key = parent, key
+            parent.values.setdefault(key, 0)  # prometheus_client exports a child from creation
 
         def inc(self, amount: float) -> None:
             assert amount > 0, "counters only go up"
-            self.parent.values[self.key] = self.parent.values.get(self.key, 0) + amount
+            self.parent.values[self.key] += amount
 
         def set(self, value: float) -> None:
             self.parent.values[self.key] = value
@@ -72,7 +73,7 @@ def test_counters_follow_deltas_and_resets(monkeypatch):
     exporter.update()
     assert gap.values[("0", "plan")] == 9
     assert lr_tokens.values == {("0", "plan"): 8, ("0", "(base model)"): 0}
-    assert fams.adapter_counters["requested_tokens"].values == {("0", "(base model)"): 3}
+    assert fams.adapter_counters["requested_tokens"].values == {("0", "(base model)"): 3, ("0", "plan"): 0}
     assert fams.base_counters["evicted_tokens"].values == {("0",): 4}
     assert fams.pool_gauges["lr_pool_available"].values == {("0",): 60}
 
@@ -115,7 +116,7 @@ def by_adapter(scraped: dict, name: str) -> dict[str, float]:
 
 
 def single(scraped: dict, name: str) -> float:
-    (( _, value),) = scraped[name]
+    ((_, value),) = scraped[name]
     return value
 
 
@@ -137,8 +138,7 @@ def metrics_view(scraped: dict) -> dict[str, Any]:
         "lr_tokens": by_adapter(scraped, f"{p}lr_tokens"),
         "lr_bytes": by_adapter(scraped, f"{p}lr_bytes"),
         "base_tokens": single(scraped, f"{p}base_tokens"), "base_bytes": single(scraped, f"{p}base_bytes"),
-        "base_evicted_tokens": single(scraped, f"{p}base_evicted_tokens_total")
-        if f"{p}base_evicted_tokens_total" in scraped else 0,
+        "base_evicted_tokens": single(scraped, f"{p}base_evicted_tokens_total"),
         "lr_pool_tokens": single(scraped, f"{p}lr_pool_tokens"),
         "lr_pool_available_tokens": single(scraped, f"{p}lr_pool_available_tokens"),
     }
@@ -153,19 +153,21 @@ def test_metrics_match_lragent_stats(smollm2, tmp_path):
         "--lora-paths", *[f"{r}={p}" for r, p in adapters.items()],
         "--max-loras-per-batch", "2", "--max-lora-rank", "8",
         "--lragent-scheme", "base-shared", "--enable-metrics",
+        # SGLang publishes (and so do we) every N decode steps, else 30 s after going idle.
+        "--decode-log-interval", "1",
     ]
     rng = random.Random(0)
     prefix = [rng.randrange(*VOCAB) for _ in range(PREFIX_TOKENS)]
     tails = {name: [rng.randrange(*VOCAB) for _ in range(8)] for name in ("plan", "action", "base", "again")}
     sampling = {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}
-    with ServerProcess(args) as srv:
+    with ServerProcess(args, log_path=tmp_path / "server.log") as srv:
         for lora, tail in (("plan", "plan"), ("action", "action"), (None, "base"), ("plan", "again")):
             payload: dict[str, Any] = {"input_ids": prefix + tails[tail], "sampling_params": sampling}
             if lora:
                 payload["lora_path"] = lora
             srv.generate(**payload)
-        # The scheduler publishes once it goes idle; poll until both views agree.
-        deadline = time.monotonic() + 45
+        # The last publish follows the response by a moment; poll until both views agree.
+        deadline = time.monotonic() + 10
         while True:
             stats = requests.get(srv.url + "/lragent/stats", timeout=30).json()["schedulers"][0]
             scraped = scrape(srv)
@@ -183,6 +185,6 @@ def test_metrics_match_lragent_stats(smollm2, tmp_path):
     assert view["lr_hit_tokens"]["plan"] >= PREFIX_TOKENS, "plan's second request hits its own LR"
     assert view["base_tokens"] >= PREFIX_TOKENS and view["base_bytes"] > 0
     assert view["lr_pool_tokens"] > 0
-    (labels, value), = scraped[f"{metrics.PREFIX}info"]
+    ((labels, value),) = scraped[f"{metrics.PREFIX}info"]
     assert labels["scheme"] == "base-shared" and value == 1
     assert labels["model_name"] and "tp_rank" in labels
