@@ -154,8 +154,9 @@ class LRAgentTritonAttnBackend(LRAgentTorchAttnBackend):
 
         super().__init__(runner)
         cfg = runner.model_config
-        h_q = cfg.num_attention_heads // runner.tp_size
-        h_kv = max(1, cfg.get_num_kv_heads(runner.tp_size))
+        tp = runner.ps.tp_size
+        h_q = cfg.num_attention_heads // tp
+        h_kv = max(1, cfg.get_num_kv_heads(tp))
         self.scaling = cfg.head_dim ** -0.5
         self.decode_wrapper = FlashLoRADecodeWrapper(h_q, h_kv, cfg.head_dim, max_lr_rank=max(self.rt.width, 1), device=runner.device)
         self.extend_wrapper = FlashLoRAExtendWrapper(h_q, h_kv, cfg.head_dim, device=runner.device)

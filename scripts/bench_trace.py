@@ -55,6 +55,8 @@ def stream_generate(url: str, ids: list[int], role: str | None, n_gen: int) -> t
             if ttft is None:
                 ttft = time.perf_counter() - start
             last = json.loads(line[5:])
+            if "error" in last:
+                raise RuntimeError(f"server error: {last['error']}")
     return last["output_ids"], ttft or 0.0, last["meta_info"]["cached_tokens"]
 
 
