@@ -103,7 +103,11 @@ class RoleForks(Mapping[str, ProgramState]):
 
 
 def bind_roles(forks: ProgramStateGroup, roles: Sequence[str | None]) -> RoleForks:
-    """Bind `roles[i]` as the adapter of `forks[i]` (from `s.fork(len(roles))`)."""
+    """Bind `roles[i]` as the adapter of `forks[i]` (from `s.fork(len(roles))`).
+
+    Call `s.sync()` before `s.fork(n)` if `s` was just extended: SGLang's fork skips the
+    prefix commit when the parent's queued text has not been written yet.
+    """
     if len(roles) != len(forks.states):
         raise ValueError(f"{len(roles)} roles for {len(forks.states)} forks")
     if len(set(roles)) != len(roles):

@@ -165,8 +165,8 @@ def agent(s: ProgramState, question: str, max_steps: int, turn_tokens: int,
             + "\nVerdict: " + sgl.select("verdict", list(VERDICTS)))
         result.turns.append(_turn(reflect["reflect"], "critique", step, "reflect", started))
         verdict = reflect["reflect"]["verdict"]
-        join_roles(s, reflect, "critique",
-                   render=lambda role, text: sgl.assistant(f"[{role}] {text.strip()} Verdict: {verdict}"))
+        join_roles(s, reflect, "critique", render=lambda role, text: sgl.assistant(
+            f"[{role}] {text.strip()} Verdict: {verdict}"))
         if verdict == "done" and any(r.ok for r in result.tool_runs):
             break
 

@@ -19,7 +19,6 @@ import sglang as sgl
 import sglang.lang.backend.runtime_endpoint as runtime_endpoint
 
 from lragent_sglang.frontend import (
-    ADAPTER_VAR,
     Runtime,
     _server_flags,
     adapter_of,
@@ -44,7 +43,6 @@ ROLES = ["plan", "action", "reflect"]
 PREFIX = "Plan: find the population of Paris. Step 1:"
 TOKENS = 6
 GREEDY = {"max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
-
 
 
 def on_server(test):
@@ -184,7 +182,8 @@ def test_select_sends_the_adapter_and_it_changes_the_scores(endpoint, sent):
         state = select_program.run(prefix=PREFIX, role=role, backend=endpoint)
         meta = state.get_meta_info("tool")
         scores[role] = tuple(round(x, 5) for x in meta["normalized_prompt_logprobs"])
-        assert state["tool"] == ["calculator", "lookup", "nothing"][max(range(3), key=scores[role].__getitem__)]
+        best = max(range(3), key=scores[role].__getitem__)
+        assert state["tool"] == ["calculator", "lookup", "nothing"][best]
         assert len(sent) >= 2
         assert all(p.get("lora_path") == role for p in payloads_of(sent)), payloads_of(sent)
     assert len(set(scores.values())) == 3, scores
@@ -211,7 +210,8 @@ def test_streaming_with_an_adapter(runtime, endpoint, sent):
 
 @on_server
 def test_example_agent_runs_every_role_and_the_tools(endpoint, sent):
-    result = example_agent.run_agent("What is (17 * 23) + 4?", endpoint, max_steps=1, max_new_tokens=6)
+    result = example_agent.run_agent("What is (17 * 23) + 4?", endpoint,
+                                     max_steps=1, max_new_tokens=6)
     assert [t.role for t in result.turns] == ROLES
     assert all(t.completion_tokens > 0 for t in result.turns)
     assert [t.cached_tokens > 0 for t in result.turns[1:]] == [True, True], result.turns
@@ -220,7 +220,8 @@ def test_example_agent_runs_every_role_and_the_tools(endpoint, sent):
     assert result.answer == "395"
     for needle in ("[plan]", "[action] TOOL:", "[tool] calculator(", "-> 395", "[reflect]", "Verdict:"):
         assert needle in result.trajectory
-    assert {p.get("lora_path") for p in payloads_of(sent) if p["sampling_params"].get("max_new_tokens")} == set(ROLES)
+    gens = [p for p in payloads_of(sent) if p["sampling_params"].get("max_new_tokens")]
+    assert {p.get("lora_path") for p in gens} == set(ROLES)
 
 
 @on_server
@@ -294,7 +295,8 @@ def test_fallback_tool_calls():
     good = run_tool(box, 1, "TOOL: calculator(6 * 7)", "What is 2 + 2?", [])
     assert (good.output, good.fallback) == ("42", False)
     malformed = run_tool(box, 1, "TOOL: 14 * 3 = 38", "What is 2 + 2?", [])
-    assert (malformed.call, malformed.output, malformed.fallback) == (ToolCall("calculator", "2 + 2"), "4", True)
+    assert malformed.fallback and malformed.call == ToolCall("calculator", "2 + 2")
+    assert malformed.output == "4"
     second = run_tool(box, 2, "TOOL: calculator(abc)", "What is 2 + 2?", [malformed])
     assert second.fallback and second.call == ToolCall("lookup", "What is 2 + 2?")
     failing = run_tool(box, 1, "TOOL: lookup(zebra)", "zebra quantum?", [])
