@@ -17,7 +17,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from lragent_sglang.lora_split import tag_layer_ids
+from lragent_sglang.lora_split import ensure_stacks, preload_group_a, tag_layer_ids
 from lragent_sglang.lr_pool import LRTokenPool
 from lragent_sglang.runtime import LRAgentRuntime, get_runtime, lr_multiplicity
 
@@ -52,6 +52,9 @@ class LRAgentTorchAttnBackend(TorchNativeAttnBackend):
         self.lora_manager = getattr(runner, "lora_manager", None)
         if self.rt.enabled:
             tag_layer_ids(self.lora_manager.lora_modules)
+            ensure_stacks(self.rt, self.lora_manager.memory_pool)
+            if self.rt.scheme == "base-lr-shared":
+                preload_group_a(self.rt, runner.server_args.lora_paths)
         self.req_slot: torch.Tensor | None = None
         self.lr_out_loc: torch.Tensor | None = None
 

@@ -6,14 +6,18 @@ Two hooks on SGLang's LoRA code (registered through HookRegistry in base-sharing
   alpha/r) into the runtime's `b_v` stack and its v_proj A into `a_v`, then zero B_v in
   SGLang's buffer so the stock QKV LoRA adds nothing to V. In base-lr-shared mode the
   first adapter's A_v becomes the group's and every later adapter must match it.
-- around `QKVParallelLinearWithLoRA.apply_lora`: after the stock q/k LoRA, compute the
-  LR rows `L = x A_v^T` of this layer's tokens and park them for the attention backend,
-  which writes them to the LR pool next to K and V_base.
+- around `QKVParallelLinearWithLoRA.forward`: after the stock projection (and its q/k
+  LoRA), compute the LR rows `L = x A_v^T` of this layer's tokens and park them for the
+  attention backend, which writes them to the LR pool next to K and V_base. Hooked on
+  `forward`, not `apply_lora`: SGLang skips `apply_lora` while no batch has had an
+  adapter yet, but base-lr-shared must write the shared LR rows for no-adapter requests
+  too (a fork's prefix commit), or later roles would read zeros there.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -48,7 +52,7 @@ def qkv_shard_sizes(pool: Any) -> tuple[int, int, int]:
     return heads // tp * head_dim, max(1, kv_heads // tp) * head_dim, head_dim
 
 
-def _ensure_stacks(rt: LRAgentRuntime, pool: Any) -> None:
+def ensure_stacks(rt: LRAgentRuntime, pool: Any) -> None:
     if rt.b_v:
         return
     a0 = pool.A_buffer[QKV][0]
@@ -67,7 +71,7 @@ def capture_v_weights(result: Any, pool: Any, uid: str | None, buffer_id: int,
     rt = get_runtime()
     if not rt.enabled or QKV not in pool.A_buffer:
         return
-    _ensure_stacks(rt, pool)
+    ensure_stacks(rt, pool)
     rt.slot_uid[buffer_id] = uid
     if uid is None:
         for layer in range(rt.num_layers):
@@ -96,6 +100,27 @@ def capture_v_weights(result: Any, pool: Any, uid: str | None, buffer_id: int,
     logger.info("lragent: adapter %s (r=%d) split into buffer slot %d", uid, r, buffer_id)
 
 
+def preload_group_a(rt: LRAgentRuntime, lora_paths: Any) -> None:
+    """Set the group's A from the first `--lora-paths` adapter at start-up.
+
+    SGLang copies an adapter into its GPU buffers only when a batch first uses it, but the
+    shared LR rows must be right from the first request on, including no-adapter ones
+    (a fork's prefix commit): with a zero A they would hold zeros for every later role.
+    """
+    from lragent_sglang.adapter_check import adapter_tensors, lora_matrices, lora_pairs
+
+    pairs = lora_pairs(lora_paths)
+    if not pairs:
+        return
+    name, path = pairs[0]
+    for layer, (a, _) in lora_matrices(adapter_tensors(Path(path)), "v_proj").items():
+        group = rt.a_v[layer][0]
+        group.zero_()
+        group[: a.shape[0]] = a.to(group)
+    rt.group_owner = name
+    logger.info("lragent: shared LR basis = v_proj A of adapter %s", name)
+
+
 def _check_or_set_group_a(rt: LRAgentRuntime, layer: int, a_v: torch.Tensor, uid: str) -> None:
     group = rt.a_v[layer][0]
     r = a_v.shape[0]
@@ -113,10 +138,9 @@ def _check_or_set_group_a(rt: LRAgentRuntime, layer: int, a_v: torch.Tensor, uid
         )
 
 
-def split_qkv_lora(original: Callable[..., torch.Tensor], module: Any, base_output: torch.Tensor,
-                   x: torch.Tensor) -> torch.Tensor:
-    """AROUND hook of `QKVParallelLinearWithLoRA.apply_lora` (see module docstring)."""
-    out = original(module, base_output, x)
+def split_qkv_lora(original: Callable[..., Any], module: Any, x: torch.Tensor) -> Any:
+    """AROUND hook of `QKVParallelLinearWithLoRA.forward` (see module docstring)."""
+    out = original(module, x)
     rt = get_runtime()
     layer_id = getattr(module, "lragent_layer_id", None)
     if not rt.enabled or layer_id is None or not rt.a_v:
@@ -141,5 +165,5 @@ def register_hooks() -> None:
         capture_v_weights, HookType.AFTER,
     )
     HookRegistry.register(
-        "sglang.srt.lora.layers.QKVParallelLinearWithLoRA.apply_lora", split_qkv_lora, HookType.AROUND,
+        "sglang.srt.lora.layers.QKVParallelLinearWithLoRA.forward", split_qkv_lora, HookType.AROUND,
     )
