@@ -1,9 +1,10 @@
 """The four sharing schemes inside the real SGLang server (CPU, SmolLM2, float32).
 
-One server per scheme runs: single-adapter and no-adapter requests that must equal
-HF + peft exactly (the first writer is the reader itself); a small plan/action/reflect
-trace whose prompts are fixed to the non-shared run's trajectory (so outputs can be
-compared step by step); the same trace without adapters; malformed requests.
+One server per scheme runs: roles over a no-adapter prefix commit; single-adapter and
+no-adapter requests that must equal HF + peft exactly (the first writer is the reader
+itself); a small plan/action/reflect trace on the server's own outputs (hit rates); the
+same trace with prompts fixed to the non-shared run's trajectory (outputs compared step by
+step); the trace without adapters; malformed requests.
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ def runs(smollm2, adapters, tokenizer_ids):
             res: dict = {"single": {}, "after_commit": after_commit(srv)}
             for role, id_lists in tokenizer_ids.items():
                 res["single"][role] = [gen(srv, ids, role, NEW)["output_ids"] for ids in id_lists]
-            res["roles"] = run_trace(srv, seed=1, roles=True, forced=forced)
+            res["roles"] = run_trace(srv, seed=1, roles=True, forced=None)
+            res["forced"] = run_trace(srv, seed=3, roles=True, forced=forced)
             res["plain"] = run_trace(srv, seed=2, roles=False, forced=None)
             res["bad"] = malformed_requests(srv)
             results[scheme] = res
             if forced is None:
-                forced = res["roles"]["outputs"]
+                forced = res["forced"]["outputs"]
     return results
 
 
@@ -188,9 +190,9 @@ def divergence(a: list[list[int]], b: list[list[int]]) -> int:
 
 
 def test_full_shared_diverges_more_than_base_shared(runs):
-    ref = runs["non-shared"]["roles"]["outputs"]
-    full = divergence(runs["full-shared"]["roles"]["outputs"], ref)
-    base = divergence(runs["base-shared"]["roles"]["outputs"], ref)
+    ref = runs["non-shared"]["forced"]["outputs"]
+    full = divergence(runs["full-shared"]["forced"]["outputs"], ref)
+    base = divergence(runs["base-shared"]["forced"]["outputs"], ref)
     assert full > base, (full, base)
 
 
