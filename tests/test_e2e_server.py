@@ -27,7 +27,7 @@ PROMPTS = [
 NEW_TOKENS = 16
 
 
-def hf_greedy(model_path, adapter_dir, prompts: list[str]) -> list[list[int]]:
+def hf_greedy(model_path, adapter_dir, prompts: list[str], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
     """Float32 greedy continuations from transformers (+ peft when an adapter is given)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,7 +42,7 @@ def hf_greedy(model_path, adapter_dir, prompts: list[str]) -> list[list[int]]:
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                 do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id,
             )
         outs.append(gen[0, ids.shape[1]:].tolist())
