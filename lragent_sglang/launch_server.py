@@ -99,9 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.launch_server import run_server
     from sglang.srt.utils import kill_process_tree
 
+    from lragent_sglang.dashboard import add_dashboard_route
     from lragent_sglang.stats import add_stats_route
 
     add_stats_route()
+    add_dashboard_route()
 
     try:
         run_server(server_args)
