@@ -4,6 +4,13 @@
 # would pull CUDA kernel packages that a CPU machine cannot use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Chromium for the dashboard's browser test (tests/test_dashboard.py skips without it); as root or in CI only.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || [ -n "${CI:-}" ]; }; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  echo "bootstrap: installing chromium (apt-get)" >&2
+  { $SUDO apt-get update -q && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null \
+    || echo "bootstrap: could not install chromium; the dashboard browser test will skip" >&2
+fi
 PY="${PYTHON:-python3}"
 STAMP=.venv/.lragent-installed
 WANT="$(cat requirements-cpu.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
