@@ -1,9 +1,10 @@
-"""README command 1: a short multi-role agent conversation against the real SGLang server.
+"""README command 1: the multi-agent demo on the embedded SmolLM2 model.
 
-Starts our launcher on the embedded SmolLM2 checkpoint with three role adapters
-(plan / action / reflect), runs one plan -> action -> reflect round on one shared
-trajectory, prints each role's answer and SGLang's prefix-cache numbers per request,
-then stops the server.
+Runs the example agent (plan -> action -> reflect with a calculator and a document
+lookup, one LoRA adapter per role, forks over one shared trajectory) on a few questions
+against the real SGLang server in base-lr-shared mode, then the same conversation against
+a non-shared server, and prints per role and scheme what the server computed, what it
+found in its prefix cache, and the KV memory it held.
 """
 
 from __future__ import annotations
@@ -11,70 +12,74 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
+from collections import defaultdict
+from pathlib import Path
 
-from lragent_sglang.adapters import default_role_adapters
-from lragent_sglang.config import DEFAULT_SCHEME, SCHEMES
-from lragent_sglang.models import default_cache_dir, smollm2_checkpoint
-from lragent_sglang.server_process import ServerProcess
+import requests
+from tqdm import tqdm
 
-SYSTEM = (
-    "You are a team of agents solving a question together. The planner writes a plan, "
-    "the actor carries out one step, the reflector checks the work."
-)
-QUESTION = "A shop sells pens at 3 dollars each. How much do 14 pens cost?"
-STEPS = (
-    ("plan", "Planner, write a short plan."),
-    ("action", "Actor, carry out the first step of the plan."),
-    ("reflect", "Reflector, is the answer right? Say why in one sentence."),
-)
+sys.path.insert(0, str(Path(__file__).parent))
+from example_agent import QUESTIONS, print_result, run_agent  # noqa: E402
+
+from lragent_sglang.config import SCHEMES  # noqa: E402
+from lragent_sglang.frontend import Runtime  # noqa: E402
+from lragent_sglang.tools import Toolbox  # noqa: E402
 
 
-def turn(role: str, text: str) -> str:
-    return f"<|im_start|>{role}\n{text}<|im_end|>\n"
+def kv_bytes(url: str) -> int:
+    """Bytes of KV (base + LR) the server's prefix tree holds now."""
+    state = requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]["lragent"]
+    return state.get("base", {}).get("bytes", 0) + state.get("lr", {}).get("bytes", 0)
+
+
+def run_scheme(scheme: str, questions: list[str], max_steps: int, show: bool) -> dict:
+    """Per role: prompt, cached and generated tokens; plus the KV bytes held at the end."""
+    per_role: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    with Runtime.smollm2(scheme=scheme, chat_template_name="chatml") as rt:
+        if scheme == "base-lr-shared":
+            print(f"dashboard while this runs: {rt.url}/lragent/dashboard", flush=True)
+        for question in tqdm(questions, desc=f"{scheme}: questions"):
+            result = run_agent(question, rt.endpoint, max_steps=max_steps, toolbox=Toolbox())
+            if show:
+                print_result(result)
+            for turn in result.turns:
+                row = per_role[turn.role]
+                row[0] += turn.prompt_tokens
+                row[1] += turn.cached_tokens
+                row[2] += turn.completion_tokens
+        memory = kv_bytes(rt.url)
+    return {"roles": dict(per_role), "kv_bytes": memory}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--scheme", choices=SCHEMES, default="base-lr-shared")
+    parser.add_argument("--baseline", choices=SCHEMES, default="non-shared")
+    parser.add_argument("--questions", type=int, default=2, help="how many built-in questions")
+    parser.add_argument("--max-steps", type=int, default=2)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING)
+    questions = QUESTIONS[: args.questions]
+    print("starting the SGLang server on SmolLM2-135M with plan/action/reflect adapters "
+          "(about 30 s on CPU; the first run also converts the model) ...", flush=True)
+    runs = {scheme: run_scheme(scheme, questions, args.max_steps, show=scheme == args.scheme)
+            for scheme in (args.scheme, args.baseline)}
 
-    print("preparing the embedded SmolLM2-135M-Instruct checkpoint and three role adapters ...")
-    model = smollm2_checkpoint()
-    adapters = default_role_adapters(model, default_cache_dir())
-    server_args = [
-        "--model-path", str(model), "--dtype", "float32", "--enable-lora",
-        "--lora-paths", *[f"{role}={path}" for role, path in adapters.items()],
-        "--max-loras-per-batch", "4", "--max-lora-rank", "8", "--lragent-scheme", args.scheme,
-    ]
-    print(f"starting the SGLang server (scheme {args.scheme}); this takes about 30 s on CPU ...")
-    trajectory = turn("system", SYSTEM) + turn("user", args.question)
-    rows = []
-    with ServerProcess(server_args) as server:
-        for role, instruction in STEPS:
-            prompt = trajectory + turn("user", instruction) + "<|im_start|>assistant\n"
-            start = time.monotonic()
-            out = server.generate(
-                text=prompt, lora_path=role,
-                sampling_params={"max_new_tokens": args.max_new_tokens, "temperature": 0},
-            )
-            meta = out["meta_info"]
-            answer = out["text"].strip()
-            rows.append((role, meta["prompt_tokens"], meta["cached_tokens"],
-                         meta["completion_tokens"], time.monotonic() - start))
-            print(f"\n[{role}] {answer}")
-            trajectory = prompt + answer + "<|im_end|>\n"
-    print("\nrole     prompt tokens  cached (prefix hit)  generated  seconds")
-    for role, prompt_tokens, cached, generated, secs in rows:
-        print(f"{role:8s} {prompt_tokens:13d}  {cached:19d}  {generated:9d}  {secs:7.1f}")
-    total_prompt = sum(r[1] for r in rows)
-    total_cached = sum(r[2] for r in rows)
-    print(f"total    {total_prompt:13d}  {total_cached:19d}   "
-          f"hit rate {total_cached / max(total_prompt, 1):.0%}")
-    print("server stopped.")
+    print("\nscheme          role     prompt  cached  computed  generated   hit")
+    for scheme, run in runs.items():
+        for role, (prompt, cached, generated) in run["roles"].items():
+            print(f"{scheme:15s} {role:8s} {prompt:6d}  {cached:6d}  {prompt - cached:8d}  "
+                  f"{generated:9d}  {cached / max(prompt, 1):4.0%}")
+    print("\nscheme          prefill tokens computed   KV held")
+    for scheme, run in runs.items():
+        computed = sum(p - c for p, c, _ in run["roles"].values())
+        print(f"{scheme:15s} {computed:23d}   {run['kv_bytes'] / 2**20:6.1f} MiB")
+    ours, base = runs[args.scheme], runs[args.baseline]
+    saved = 1 - sum(p - c for p, c, _ in ours["roles"].values()) / max(
+        1, sum(p - c for p, c, _ in base["roles"].values()))
+    print(f"\n{args.scheme} computed {saved:.0%} fewer prefill tokens than {args.baseline} "
+          f"and held {ours['kv_bytes'] / max(base['kv_bytes'], 1):.2f}x its KV memory.")
+    print("servers stopped.")
     return 0
 
 
