@@ -30,7 +30,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 
 from lragent_sglang.radix import LRRadixTree
 from lragent_sglang.radix.node import TreeNode
-from lragent_sglang.runtime import LRAgentRuntime
+from lragent_sglang.runtime import LRAgentRuntime, kv_bytes_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,7 @@ class LRAgentRadixCache(BasePrefixCache):
         self.lr_pool = runtime.lr_pool
         device = self.token_to_kv_pool_allocator.device
         self.device = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cpu")
-        kv_pool = self.token_to_kv_pool_allocator.get_kvcache()
-        base_bytes_per_token = sum(
-            b[0].numel() * b.element_size() for b in (*kv_pool.k_buffer, *kv_pool.v_buffer)
-        )
+        base_bytes_per_token = kv_bytes_per_token(self.token_to_kv_pool_allocator.get_kvcache())
         lr_bytes = self.lr_pool.total_bytes // (self.lr_pool.size + 1) if self.lr_pool else 0
         self.tree = LRRadixTree(
             page_size=1,

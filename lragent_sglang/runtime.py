@@ -42,6 +42,11 @@ def lr_multiplicity(scheme: str, server_args: Any) -> int:
     return max(1, int(n))
 
 
+def kv_bytes_per_token(kv_pool: Any) -> int:
+    """Bytes of K and V one token takes across all layers of an MHA KV pool."""
+    return sum(b[0].numel() * b.element_size() for b in (*kv_pool.k_buffer, *kv_pool.v_buffer))
+
+
 def lr_width(server_args: Any) -> int:
     """LR row width: `--max-lora-rank`, else the largest rank among the adapters."""
     from lragent_sglang.adapter_check import max_rank

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from lragent_sglang.config import scheme_from_env
-from lragent_sglang.runtime import SHARED_LR_KEY
+from lragent_sglang.runtime import SHARED_LR_KEY, kv_bytes_per_token
 
 
 def adapter_names(scheduler: Any) -> dict[str, str]:
@@ -30,8 +30,7 @@ def lragent_state(scheduler: Any) -> dict[str, Any]:
     state: dict[str, Any] = {"scheme": scheme_from_env()}
     if not hasattr(cache, "stats") and hasattr(cache, "total_size"):
         tokens = cache.total_size()
-        kv = cache.token_to_kv_pool_allocator.get_kvcache()
-        per_token = sum(b[0].numel() * b.element_size() for b in (*kv.k_buffer, *kv.v_buffer))
+        per_token = kv_bytes_per_token(cache.token_to_kv_pool_allocator.get_kvcache())
         state["base"] = {"tokens": tokens, "bytes": tokens * per_token}
     if hasattr(cache, "stats"):
         stats = cache.stats()

@@ -17,7 +17,7 @@ from lragent_sglang.adapters import make_role_adapters
 from lragent_sglang.server_process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_random_llama import PRESETS, write_checkpoint  # noqa: E402
+from make_random_llama import PRESETS, copy_tokenizer, write_checkpoint  # noqa: E402
 
 GPU_FLAGS = [
     "--sampling-backend", "pytorch", "--grammar-backend", "none", "--lora-backend", "triton",
@@ -45,8 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path("/tmp/launcher-check-work")
     model = write_checkpoint(dict(PRESETS["smollm2-135m"]), work / "model")
-    for f in args.tokenizer_from.iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
+    copy_tokenizer(args.tokenizer_from, model)
     adapters = make_role_adapters(model, work / "adapters")
     lora = ["--enable-lora", "--lora-paths", *[f"{r}={p}" for r, p in adapters.items()]]
     runs = {

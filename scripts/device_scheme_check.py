@@ -20,7 +20,7 @@ from lragent_sglang.adapters import make_role_adapters
 from lragent_sglang.server_process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_random_llama import PRESETS, write_checkpoint  # noqa: E402
+from make_random_llama import PRESETS, copy_tokenizer, write_checkpoint  # noqa: E402
 
 FLAGS = ["--sampling-backend", "pytorch", "--grammar-backend", "none", "--lora-backend", "triton",
          "--max-loras-per-batch", "4", "--max-lora-rank", "8", "--mem-fraction-static", "0.5",
@@ -44,8 +44,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/scheme-check/result.json"))
     args = parser.parse_args()
     model = write_checkpoint(dict(PRESETS["smollm2-135m"]), args.work / "model")
-    for f in args.tokenizer_from.iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
+    copy_tokenizer(args.tokenizer_from, model)
     adapters = make_role_adapters(model, args.work / "adapters", shared_v_a=True)
     lora = ["--enable-lora", "--lora-paths", *[f"{r}={p}" for r, p in adapters.items()]]
     prompts = families()

@@ -102,6 +102,17 @@ def write_checkpoint(cfg: dict, out: Path, seed: int = 0) -> Path:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+def copy_tokenizer(src: Path, out: Path) -> None:
+    """Put the tokenizer files found in `src` next to the weights in `out`."""
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copy(src / f, out / f)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = parser.add_mutually_exclusive_group(required=True)
@@ -115,10 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = PRESETS[args.preset] if args.preset else json.loads(args.config.read_text())
     write_checkpoint(dict(cfg), args.out, args.seed)
     if args.tokenizer_from:
-        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                  "special_tokens_map.json", "generation_config.json"):
-            if (args.tokenizer_from / f).is_file():
-                shutil.copy(args.tokenizer_from / f, args.out / f)
+        copy_tokenizer(args.tokenizer_from, args.out)
     print(args.out)
 
 
