@@ -82,6 +82,17 @@ class LRAgentRuntime:
     # Per forward: LoRA buffer slot of every token, and L rows waiting for attention.
     token_slot: torch.Tensor | None = None
     pending_lr: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Requests whose next extend has an LR-prefill gap (set at allocation, read by the
+    # attention backend without a device sync).
+    gap_rids: set[str] = field(default_factory=set)
+
+    def take_gap(self, rids: list[str] | None) -> bool:
+        """Whether any of these requests was allocated a gap; forgets them."""
+        if not self.gap_rids or not rids:
+            return False
+        hit = self.gap_rids.intersection(rids)
+        self.gap_rids.difference_update(hit)
+        return bool(hit)
 
     def lr_key(self, lora_id: str | None) -> Hashable:
         """The tree's LR key of a request: its adapter, the shared group, or None."""
