@@ -7,6 +7,7 @@ scheduler process; these checks run first and fail with one line naming the adap
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,10 @@ from pathlib import Path
 import torch
 
 from lragent_sglang.adapters import LlamaShapes
+from lragent_sglang.config import DEFAULT_LR_BASIS
+from lragent_sglang.joint_basis import same_a
+
+logger = logging.getLogger(__name__)
 
 # SGLang fuses projections under these names; PEFT adapters may target either spelling.
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -119,10 +124,6 @@ def adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path / _WEIGHT_FILES[1], map_location="cpu", weights_only=True)
 
 
-def _v_proj_a(info: AdapterInfo) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in adapter_tensors(info.path).items() if "v_proj.lora_A" in k}
-
-
 _LORA_KEY = re.compile(r"\blayers\.(?P<layer>\d+)\.(?:.*\.)?(?P<module>\w+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$")
 
 
@@ -140,6 +141,11 @@ def lora_matrices(weights: dict[str, torch.Tensor], module: str) -> dict[int, tu
             raise AdapterError(f"layer {layer} {module} has lora_{''.join(ab)} but not both A and B")
         pairs[layer] = (ab["A"], ab["B"])
     return pairs
+
+
+def v_proj_a(path: str | Path) -> dict[int, torch.Tensor]:
+    """Per layer, the v_proj A [r, hidden] of the adapter in folder `path`."""
+    return {layer: a for layer, (a, _) in lora_matrices(adapter_tensors(path), "v_proj").items()}
 
 
 def check_config(info: AdapterInfo) -> None:
@@ -202,11 +208,13 @@ def check_weights(info: AdapterInfo, model_path: str | Path) -> list[str]:
     return notes
 
 
-def check_for_scheme(infos: list[AdapterInfo], scheme: str, max_lora_rank: int | None) -> None:
+def check_for_scheme(infos: list[AdapterInfo], scheme: str, max_lora_rank: int | None,
+                     lr_basis: str = DEFAULT_LR_BASIS) -> None:
     """What the sharing scheme needs of the adapters; AdapterError naming the first offender.
 
     Base-sharing schemes keep keys shared, so no adapter may change them (k_proj), and
-    base-lr-shared keeps one LR cache, so every adapter must share its v_proj A.
+    base-lr-shared with the shared-a LR basis keeps one LR cache computed with one v_proj
+    A, so every adapter must have it (the joint basis serves any adapters).
     """
     for info in infos:
         if max_lora_rank is not None and info.rank > max_lora_rank:
@@ -219,19 +227,32 @@ def check_for_scheme(infos: list[AdapterInfo], scheme: str, max_lora_rank: int |
                 "(RoPE sits between its B and the attention scores); use --lragent-scheme "
                 "non-shared or full-shared, or an adapter without k_proj"
             )
-    if scheme != "base-lr-shared" or len(infos) < 2:
+    if scheme != "base-lr-shared" or lr_basis != DEFAULT_LR_BASIS or len(infos) < 2:
         return
     first = infos[0]
-    ref = _v_proj_a(first)
+    ref = v_proj_a(first.path)
     for info in infos[1:]:
-        other = _v_proj_a(info)
-        same = ref.keys() == other.keys() and all(
-            ref[k].shape == other[k].shape and torch.allclose(ref[k].float(), other[k].float(), rtol=1e-3, atol=1e-6)
-            for k in ref
-        )
-        if not same:
+        other = v_proj_a(info.path)
+        if ref.keys() != other.keys() or not all(same_a(ref[layer], other[layer]) for layer in ref):
             raise AdapterError(
                 f"adapters {first.name!r} and {info.name!r} have different v_proj A, but "
-                "base-lr-shared shares one LR cache: use shared-A adapters "
-                "(lragent_sglang.adapters --shared-a), or --lragent-scheme base-shared"
+                "base-lr-shared shares one LR cache: use --lragent-lr-basis joint (exact for any "
+                "adapters), shared-A adapters (lragent-adapters train --shared-a), or "
+                "--lragent-scheme base-shared"
             )
+
+
+def check_server_adapters(lora_paths: object, model_path: str | Path, scheme: str,
+                          max_lora_rank: int | None, lr_basis: str = DEFAULT_LR_BASIS) -> list[AdapterInfo]:
+    """Every check of this module on the `--lora-paths` adapters, as a server about to load
+    them needs (AdapterError naming the first offender); notes on adapters that serve but
+    look unintended are logged as warnings."""
+    infos = []
+    for name, path in lora_pairs(lora_paths):
+        info = read_adapter(name, path, model_path)
+        check_config(info)
+        for note in check_weights(info, model_path):
+            logger.warning("adapter %r: %s", name, note)
+        infos.append(info)
+    check_for_scheme(infos, scheme, max_lora_rank, lr_basis)
+    return infos

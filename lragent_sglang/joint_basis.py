@@ -11,6 +11,10 @@ cache; `truncation` reports what that costs per adapter.
 
 Everything is computed in float64 (the SVD decides the rank, and exactness tests compare
 against float tolerance); results come back in the inputs' dtype.
+
+`GroupBasis` is what a base-lr-shared server serves with: per layer the rows G_l of its one
+LR cache, either the adapters' common A (shared-A) or their joint basis, and
+`coefficients` / `group_b` give each adapter's rewritten up-projection B C.
 """
 
 from __future__ import annotations
@@ -121,3 +125,114 @@ def truncation(
             lost = torch.trace(gram_b @ (resid @ resid.T)).clamp_min(0)
             errors.append(float((lost / total).sqrt()) if total > 0 else 0.0)
     return Truncation(k=k, full_k=full_k, energy_kept=kept, rel_errors=tuple(errors))
+
+
+# ----------------------------------------------------------------- the served group
+
+SHARED_A_RTOL = 1e-3
+SHARED_A_ATOL = 1e-6
+SHARED_A, JOINT = "shared-a", "joint"
+
+
+class LRBasisMismatch(ValueError):
+    """An adapter's v_proj A is not served exactly by the group's LR basis."""
+
+
+class SharedAMismatch(LRBasisMismatch):
+    """An adapter's v_proj A differs from the group's in base-lr-shared (shared-A) mode."""
+
+
+class OutsideJointBasis(LRBasisMismatch):
+    """An adapter's v_proj A rows leave the span of the start-up joint basis."""
+
+
+def same_a(ref: torch.Tensor, a: torch.Tensor) -> bool:
+    """Shared-A test; `ref` is rounded to `a`'s dtype first, so a float32 reference and the
+    same weights held in bfloat16 by SGLang's LoRA buffer compare equal."""
+    if ref.shape != a.shape:
+        return False
+    rounded = ref.detach().to(a.dtype).to("cpu", torch.float64)
+    return torch.allclose(rounded, a.detach().to("cpu", torch.float64), rtol=SHARED_A_RTOL, atol=SHARED_A_ATOL)
+
+
+def residual_tol(dtype: torch.dtype) -> float:
+    """Largest relative residual ||A - A P|| / ||A|| that is rounding, not another
+    subspace: a few ulps of the dtype the A was held in (0.03 for bfloat16, 1e-4 at least)."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
+@dataclass(frozen=True)
+class GroupBasis:
+    """The rows G_l [k_l, hidden] (float64) that base-lr-shared computes every LR row
+    with, `L = x G_l^T`, and the adapters it came from. Shared-A: G_l is the common A
+    (k_l = r); joint: orthonormal rows spanning all adapters' A (k_l <= n r)."""
+
+    kind: str
+    names: tuple[str, ...]
+    rows: dict[int, torch.Tensor]
+
+    @property
+    def width(self) -> int:
+        """LR row width that holds every layer's rows."""
+        return max((g.shape[0] for g in self.rows.values()), default=0)
+
+    def describe(self) -> str:
+        who = ", ".join(repr(n) for n in self.names)
+        if self.kind == SHARED_A:
+            return f"v_proj A of adapter {who} (width {self.width})"
+        ks = [g.shape[0] for g in self.rows.values()]
+        return f"joint basis of {who}: width {self.width} (per layer {min(ks, default=0)}..{max(ks, default=0)})"
+
+
+def shared_a_group(name: str, a_by_layer: dict[int, torch.Tensor]) -> GroupBasis:
+    """The group of adapters sharing `name`'s v_proj A."""
+    return GroupBasis(SHARED_A, (name,), {layer: a.detach().double() for layer, a in a_by_layer.items()})
+
+
+def joint_group(named: Sequence[tuple[str, dict[int, torch.Tensor]]], rtol: float = DEFAULT_RTOL) -> GroupBasis:
+    """Per layer, the orthonormal basis of all adapters' A rows at that layer."""
+    layers = sorted({layer for _, by_layer in named for layer in by_layer})
+    rows = {
+        layer: joint_basis([by_layer[layer].double() for _, by_layer in named if layer in by_layer], rtol)[0]
+        for layer in layers
+    }
+    return GroupBasis(JOINT, tuple(name for name, _ in named), rows)
+
+
+def coefficients(group: GroupBasis, layer: int, name: str, a: torch.Tensor) -> torch.Tensor:
+    """C [r, k_l] (float64) with A = C G_l, so that (x G_l^T)(B C)^T = x A^T B^T: the
+    group's LR rows serve this adapter exactly. LRBasisMismatch naming the adapter when
+    no such C exists (up to rounding of A's dtype)."""
+    g = group.rows.get(layer)
+    a64 = a.detach().to("cpu", torch.float64)
+    if not a64.any():  # no v_proj LoRA at this layer: nothing to serve
+        return a64.new_zeros(a64.shape[0], 0 if g is None else g.shape[0])
+    if group.kind == SHARED_A:
+        if g is None or not same_a(g, a):
+            raise SharedAMismatch(
+                f"adapter {name!r} has a different v_proj A than {group.names[0]!r} (layer {layer}); "
+                "base-lr-shared with --lragent-lr-basis shared-a needs shared-A adapters: use "
+                "--lragent-lr-basis joint (all adapters in --lora-paths at start-up), adapters "
+                "trained with a shared v_proj A (lragent-adapters train --shared-a), or "
+                "--lragent-scheme base-shared"
+            )
+        return torch.eye(a.shape[0], dtype=torch.float64)
+    if g is None:
+        g = a64.new_zeros(0, a64.shape[-1])
+    coeff = a64 @ g.T
+    norm = float(a64.norm())
+    rel = float((a64 - coeff @ g).norm()) / norm if norm > 0 else 0.0
+    if rel > residual_tol(a.dtype):
+        names = ", ".join(repr(n) for n in group.names)
+        raise OutsideJointBasis(
+            f"adapter {name!r}: its v_proj A at layer {layer} lies outside the joint LR basis of "
+            f"{names} (relative residual {rel:.2g}); the basis is fixed at start-up: add the adapter "
+            "to --lora-paths and restart, or use --lragent-scheme base-shared"
+        )
+    return coeff
+
+
+def group_b(b: torch.Tensor, scaling: float, coeff: torch.Tensor) -> torch.Tensor:
+    """The up-projection [out, k] an adapter applies to the group's LR rows: B C scaled
+    by alpha/r (float64; the caller casts)."""
+    return (b.detach().double() * scaling) @ coeff

@@ -1,7 +1,8 @@
 """Start the real SGLang server with the LRAgent backends selected.
 
     python -m lragent_sglang.launch_server --model-path M --lora-paths plan=P ... \
-        [--lragent-scheme base-lr-shared] [any other SGLang server flag]
+        [--lragent-scheme base-lr-shared] [--lragent-lr-basis shared-a|joint] \
+        [any other SGLang server flag]
 
 Our flags become environment variables (see `config`) that SGLang's scheduler processes
 inherit; everything else goes to SGLang's own parser. On a machine without an
@@ -17,9 +18,18 @@ import os
 import sys
 
 from lragent_sglang import cpu_compat
-from lragent_sglang.adapter_check import AdapterError, check_for_scheme, lora_pairs, read_adapter
+from lragent_sglang.adapter_check import AdapterError, check_server_adapters
 from lragent_sglang.backends import BACKEND_NAME
-from lragent_sglang.config import DEFAULT_SCHEME, SCHEME_ENV, SCHEMES
+from lragent_sglang.config import (
+    DEFAULT_LR_BASIS,
+    DEFAULT_SCHEME,
+    LR_BASES,
+    LR_BASIS_ENV,
+    SCHEME_ENV,
+    SCHEMES,
+    ConfigError,
+    check_lr_basis,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +73,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(SCHEME_ENV, DEFAULT_SCHEME),
         help="what the adapters share (default: %(default)s)",
     )
+    parser.add_argument(
+        "--lragent-lr-basis",
+        choices=LR_BASES,
+        default=os.environ.get(LR_BASIS_ENV, DEFAULT_LR_BASIS),
+        help="base-lr-shared only: the one LR cache is computed with the adapters' common "
+        "v_proj A (shared-a), or with the joint orthonormal basis of all --lora-paths "
+        "adapters' v_proj A, exact for any adapters (joint) (default: %(default)s)",
+    )
     return parser
+
+
+def set_lragent_env(parser: argparse.ArgumentParser, ours: argparse.Namespace) -> None:
+    """Check our flags together and hand them to SGLang's processes as variables."""
+    if ours.lragent_scheme not in SCHEMES:
+        parser.error(f"unknown {SCHEME_ENV}={ours.lragent_scheme!r}: choose one of {', '.join(SCHEMES)}")
+    try:
+        check_lr_basis(ours.lragent_lr_basis, ours.lragent_scheme)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    os.environ[SCHEME_ENV] = ours.lragent_scheme
+    os.environ[LR_BASIS_ENV] = ours.lragent_lr_basis
+
+
+def check_adapters(parser: argparse.ArgumentParser, ours: argparse.Namespace, server_args: object) -> None:
+    """Refuse adapters the server cannot serve before SGLang loads them (one-line error),
+    and default `--max-lora-rank` to the adapters' largest rank."""
+    try:
+        infos = check_server_adapters(server_args.lora_paths, server_args.model_path, ours.lragent_scheme,
+                                      server_args.max_lora_rank, ours.lragent_lr_basis)
+    except AdapterError as exc:
+        parser.exit(2, f"lragent-serve: error: {exc}\n")
+    if ours.lragent_lr_basis != DEFAULT_LR_BASIS and not infos:
+        parser.error(f"--lragent-lr-basis {ours.lragent_lr_basis} needs the adapters at start-up (--lora-paths)")
+    if infos and server_args.max_lora_rank is None:
+        server_args.max_lora_rank = max(info.rank for info in infos)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     ours, rest = parser.parse_known_args(argv)
-    if ours.lragent_scheme not in SCHEMES:
-        parser.error(f"unknown {SCHEME_ENV}={ours.lragent_scheme!r}: choose one of {', '.join(SCHEMES)}")
-    os.environ[SCHEME_ENV] = ours.lragent_scheme
+    set_lragent_env(parser, ours)
     cpu = cpu_compat.wanted()
     if cpu:
         cpu_compat.apply_early()
@@ -87,14 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     if not cpu and ours.lragent_scheme in ("base-shared", "base-lr-shared") and not _has_flag(argv, "--disable-cuda-graph"):
         argv.append("--disable-cuda-graph")  # the Flash-LoRA backend has no CUDA-graph path yet
     server_args = prepare_server_args(argv)
-    try:
-        infos = [read_adapter(name, path, server_args.model_path) for name, path in lora_pairs(server_args.lora_paths)]
-        check_for_scheme(infos, ours.lragent_scheme, server_args.max_lora_rank)
-        if infos and server_args.max_lora_rank is None:
-            server_args.max_lora_rank = max(info.rank for info in infos)
-    except AdapterError as exc:
-        parser.exit(2, f"lragent-serve: error: {exc}\n")
-    logger.info("lragent scheme %s, cpu=%s", ours.lragent_scheme, cpu)
+    check_adapters(parser, ours, server_args)
+    logger.info("lragent scheme %s, lr basis %s, cpu=%s", ours.lragent_scheme, ours.lragent_lr_basis, cpu)
 
     from sglang.launch_server import run_server
     from sglang.srt.utils import kill_process_tree

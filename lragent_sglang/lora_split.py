@@ -1,11 +1,16 @@
 """The LoRA split: q keeps its LoRA, v's `(x A_v) B_v` term leaves the QKV projection.
 
-Two hooks on SGLang's LoRA code (registered through HookRegistry in base-sharing schemes):
+Hooks on SGLang's LoRA code (registered through HookRegistry in base-sharing schemes):
 
+- around `LoRAManager.load_lora_weights` (and its from-tensors twin): in base-lr-shared,
+  refuse an adapter the group's LR basis cannot serve exactly (a different v_proj A under
+  shared-a, A rows outside the start-up joint basis under joint). SGLang reports the
+  error as a failed load (`/load_lora_adapter`) or a start-up failure naming the adapter.
 - after `LoRAMemoryPool.load_lora_weight_to_buffer`: copy the adapter's v_proj B (times
   alpha/r) into the runtime's `b_v` stack and its v_proj A into `a_v`, then zero B_v in
-  SGLang's buffer so the stock QKV LoRA adds nothing to V. In base-lr-shared mode the
-  first adapter's A_v becomes the group's and every later adapter must match it.
+  SGLang's buffer so the stock QKV LoRA adds nothing to V. In base-lr-shared the LR rows
+  are `x G^T` with the group's rows G, so the adapter's B is rewritten to `B C` with
+  `A = C G` (C = I for shared-A adapters, `A G^T` for the orthonormal joint basis).
 - around `QKVParallelLinearWithLoRA.forward`: after the stock projection (and its q/k
   LoRA), compute the LR rows `L = x A_v^T` of this layer's tokens and park them for the
   attention backend, which writes them to the LR pool next to K and V_base. Hooked on
@@ -17,21 +22,16 @@ Two hooks on SGLang's LoRA code (registered through HookRegistry in base-sharing
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from lragent_sglang.runtime import LRAgentRuntime, get_runtime
+from lragent_sglang.joint_basis import GroupBasis, LRBasisMismatch, coefficients, group_b, shared_a_group
+from lragent_sglang.runtime import LRAgentRuntime, get_runtime, start_up_group
 
 logger = logging.getLogger(__name__)
 
-SHARED_A_RTOL = 1e-3
 QKV = "qkv_proj"
-
-
-class SharedAMismatch(ValueError):
-    """An adapter's v_proj A differs from the group's in base-lr-shared (shared-A) mode."""
 
 
 def tag_layer_ids(lora_modules: list[dict[str, Any]]) -> None:
@@ -89,53 +89,94 @@ def capture_v_weights(result: Any, pool: Any, uid: str | None, buffer_id: int,
         a_v = a_buf[2 * r : 3 * r]
         b_v = b_buf[q_size + kv_size : q_size + 2 * kv_size, :r]
         if rt.scheme == "base-lr-shared":
-            _check_or_set_group_a(rt, layer, a_v, uid)
+            coeff = coefficients(_served_group(rt), layer, uid, a_v)
         else:
             rt.a_v[layer][buffer_id].zero_()
             rt.a_v[layer][buffer_id, :r] = a_v
-        # b_v: [H_kv * D, r] -> [H_kv, r, D]
+            coeff = torch.eye(r, dtype=torch.float64)
+        up = group_b(b_v, scaling, coeff.to(b_v.device))  # [H_kv * D, k]
+        k = up.shape[1]
+        # b_v stack: [H_kv, width, D]
         rt.b_v[layer][buffer_id].zero_()
-        rt.b_v[layer][buffer_id, :, :r] = (b_v.float() * scaling).reshape(h_kv, d, r).transpose(1, 2).to(rt.b_v[layer].dtype)
+        rt.b_v[layer][buffer_id, :, :k] = up.reshape(h_kv, d, k).transpose(1, 2).to(rt.b_v[layer].dtype)
         b_buf[q_size + kv_size : q_size + 2 * kv_size].zero_()
     logger.info("lragent: adapter %s (r=%d) split into buffer slot %d", uid, r, buffer_id)
 
 
+def _served_group(rt: LRAgentRuntime) -> GroupBasis:
+    if rt.group is None:
+        raise RuntimeError("lragent: base-lr-shared adapter reached the LoRA buffer before its load check")
+    return rt.group
+
+
+def write_group_rows(rt: LRAgentRuntime) -> None:
+    """Copy the group's rows G into the one A stack the LR rows are computed with."""
+    if rt.group is None or not rt.a_v:
+        return
+    for layer, stack in enumerate(rt.a_v):
+        rows = rt.group.rows.get(layer)
+        stack[0].zero_()
+        if rows is not None:
+            stack[0, : rows.shape[0]] = rows.to(stack)
+
+
 def preload_group_a(rt: LRAgentRuntime, lora_paths: Any) -> None:
-    """Set the group's A from the first `--lora-paths` adapter at start-up.
+    """Set the group's LR basis from the `--lora-paths` adapters at start-up.
 
     SGLang copies an adapter into its GPU buffers only when a batch first uses it, but the
     shared LR rows must be right from the first request on, including no-adapter ones
     (a fork's prefix commit): with a zero A they would hold zeros for every later role.
     """
-    from lragent_sglang.adapter_check import adapter_tensors, lora_matrices, lora_pairs
-
-    pairs = lora_pairs(lora_paths)
-    if not pairs:
+    group = start_up_group(lora_paths, rt.lr_basis)
+    if group is None:
         return
-    name, path = pairs[0]
-    for layer, (a, _) in lora_matrices(adapter_tensors(Path(path)), "v_proj").items():
-        group = rt.a_v[layer][0]
-        group.zero_()
-        group[: a.shape[0]] = a.to(group)
-    rt.group_owner = name
-    logger.info("lragent: shared LR basis = v_proj A of adapter %s", name)
+    rt.group = group
+    write_group_rows(rt)
+    logger.info("lragent: shared LR basis = %s", group.describe())
 
 
-def _check_or_set_group_a(rt: LRAgentRuntime, layer: int, a_v: torch.Tensor, uid: str) -> None:
-    group = rt.a_v[layer][0]
-    r = a_v.shape[0]
-    if rt.group_owner is None or rt.group_owner == uid:
-        if layer == rt.num_layers - 1:
-            rt.group_owner = uid
-        group.zero_()
-        group[:r] = a_v
-        return
-    if not torch.allclose(group[:r].float(), a_v.float(), rtol=SHARED_A_RTOL, atol=1e-6) or group[r:].abs().sum() > 0:
-        raise SharedAMismatch(
-            f"adapter {uid!r} has a different v_proj A than {rt.group_owner!r} (layer {layer}); "
-            "base-lr-shared needs shared-A adapters: use --lragent-scheme base-shared, "
-            "or adapters trained with a shared v_proj A"
-        )
+def adapter_v_a(lora_adapter: Any) -> dict[int, torch.Tensor]:
+    """Per layer, the v_proj A [r, hidden] of an adapter SGLang holds in CPU memory (its
+    q/k/v A are stacked into qkv_proj there, v last)."""
+    r = lora_adapter.config.r
+    out = {}
+    for layer_id, layer in enumerate(lora_adapter.layers):
+        for name, weight in layer.weights.items():
+            if "qkv_proj.lora_A" in name:
+                out[layer_id] = weight[2 * r : 3 * r]
+            elif "v_proj.lora_A" in name:
+                out[layer_id] = weight
+    return out
+
+
+def check_new_adapter(original: Callable[..., Any], manager: Any, lora_ref: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook of `LoRAManager.load_lora_weights[_from_tensors]` (see module docstring).
+
+    Without start-up adapters, the first adapter loaded under shared-a founds the group.
+    A refused adapter is dropped from the manager again, so a later load may retry it.
+    """
+    result = original(manager, lora_ref, *args, **kwargs)
+    rt = get_runtime()
+    if not rt.enabled or rt.scheme != "base-lr-shared":
+        return result
+    from sglang.srt.server_args import get_global_server_args
+
+    name = lora_ref.lora_name
+    a_by_layer = adapter_v_a(manager.loras[lora_ref.lora_id])
+    group = rt.group or start_up_group(get_global_server_args().lora_paths, rt.lr_basis)
+    group = group or shared_a_group(name, a_by_layer)
+    try:
+        for layer, a in a_by_layer.items():
+            coefficients(group, layer, name, a)
+    except LRBasisMismatch as exc:
+        logger.warning("lragent: refused adapter %s: %s", name, exc)
+        manager.loras.pop(lora_ref.lora_id, None)
+        manager.configs.pop(lora_ref.lora_id, None)
+        raise
+    if rt.group is None:
+        rt.group = group
+        write_group_rows(rt)
+    return result
 
 
 def split_qkv_lora(original: Callable[..., Any], module: Any, x: torch.Tensor) -> Any:
@@ -160,6 +201,8 @@ def split_qkv_lora(original: Callable[..., Any], module: Any, x: torch.Tensor) -
 def register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    for method in ("load_lora_weights", "load_lora_weights_from_tensors"):
+        HookRegistry.register(f"sglang.srt.lora.lora_manager.LoRAManager.{method}", check_new_adapter, HookType.AROUND)
     HookRegistry.register(
         "sglang.srt.lora.mem_pool.LoRAMemoryPool.load_lora_weight_to_buffer",
         capture_v_weights, HookType.AFTER,

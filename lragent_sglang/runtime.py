@@ -8,13 +8,15 @@ by whichever part needs it first, from `ServerArgs`, which every part can reach.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 import torch
 
-from lragent_sglang.config import scheme_from_env
+from lragent_sglang.config import DEFAULT_LR_BASIS, ConfigError, lr_basis_from_env, scheme_from_env
+from lragent_sglang.joint_basis import JOINT, SHARED_A, GroupBasis, joint_group, shared_a_group
 from lragent_sglang.lr_pool import LRTokenPool
 
 logger = logging.getLogger(__name__)
@@ -47,8 +49,35 @@ def kv_bytes_per_token(kv_pool: Any) -> int:
     return sum(b[0].numel() * b.element_size() for b in (*kv_pool.k_buffer, *kv_pool.v_buffer))
 
 
-def lr_width(server_args: Any) -> int:
-    """LR row width: `--max-lora-rank`, else the largest rank among the adapters."""
+def start_up_group(lora_paths: Any, lr_basis: str) -> GroupBasis | None:
+    """The group the `--lora-paths` adapters form in base-lr-shared (None without any):
+    the first one's v_proj A (shared-a) or the joint basis of all (joint). Built once per
+    process; the LR width, the adapter load check and the start-up A stack all read it."""
+    from lragent_sglang.adapter_check import lora_pairs
+
+    return _group_of(tuple(lora_pairs(lora_paths)), lr_basis)
+
+
+@functools.lru_cache(maxsize=4)
+def _group_of(pairs: tuple[tuple[str, str], ...], lr_basis: str) -> GroupBasis | None:
+    from lragent_sglang.adapter_check import v_proj_a
+
+    if not pairs:
+        return None
+    if lr_basis == SHARED_A:
+        name, path = pairs[0]
+        return shared_a_group(name, v_proj_a(path))
+    return joint_group([(name, v_proj_a(path)) for name, path in pairs])
+
+
+def lr_width(server_args: Any, lr_basis: str = DEFAULT_LR_BASIS) -> int:
+    """LR row width: the joint basis's (joint), else `--max-lora-rank`, else the largest
+    rank among the adapters. SGLang's `--max-lora-rank` stays the adapters' r either way."""
+    if lr_basis == JOINT:
+        group = start_up_group(server_args.lora_paths, lr_basis)
+        if group is None:
+            raise ConfigError("--lragent-lr-basis joint needs the adapters at start-up (--lora-paths)")
+        return group.width
     from lragent_sglang.adapter_check import max_rank
 
     return int(server_args.max_lora_rank or max_rank(server_args.lora_paths))
@@ -56,12 +85,10 @@ def lr_width(server_args: Any) -> int:
 
 def lr_bytes_per_token(server_args: Any, num_layers: int, dtype: torch.dtype) -> int:
     """Bytes the LR pool reserves per KV token (added to SGLang's per-token cell size)."""
-    scheme = scheme_from_env()
-    if not uses_lr_cache(scheme, server_args):
+    rt = get_runtime(server_args)
+    if not rt.enabled:
         return 0
-    return lr_multiplicity(scheme, server_args) * LRTokenPool.bytes_per_slot(
-        lr_width(server_args), num_layers, dtype
-    )
+    return lr_multiplicity(rt.scheme, server_args) * LRTokenPool.bytes_per_slot(rt.width, num_layers, dtype)
 
 
 @dataclass
@@ -70,7 +97,8 @@ class LRAgentRuntime:
 
     scheme: str
     enabled: bool  # an LR cache exists (base-sharing scheme with LoRA on)
-    width: int
+    width: int  # LR row width: max LoRA rank, or the joint basis's width
+    lr_basis: str = DEFAULT_LR_BASIS
     num_layers: int = 0
     lr_pool: LRTokenPool | None = None
     # Per layer: [n_buffer_slots, H_kv, width, D] up-projections of v, scaling folded in.
@@ -78,7 +106,7 @@ class LRAgentRuntime:
     # Per layer: [n_buffer_slots, width, hidden] (base-shared) or [1, width, hidden] (group).
     a_v: list[torch.Tensor] = field(default_factory=list)
     slot_uid: dict[int, str | None] = field(default_factory=dict)
-    group_owner: str | None = None  # adapter whose v_proj A is the group's (base-lr-shared)
+    group: GroupBasis | None = None  # base-lr-shared: the rows of the one LR cache
     # Per forward: LoRA buffer slot of every token, and L rows waiting for attention.
     token_slot: torch.Tensor | None = None
     pending_lr: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -124,10 +152,13 @@ def get_runtime(server_args: Any | None = None) -> LRAgentRuntime:
 
             server_args = get_global_server_args()
         scheme = scheme_from_env()
+        lr_basis = lr_basis_from_env(scheme)
         _RUNTIME = LRAgentRuntime(
             scheme=scheme,
             enabled=uses_lr_cache(scheme, server_args),
-            width=lr_width(server_args),
+            width=lr_width(server_args, lr_basis),
+            lr_basis=lr_basis,
         )
-        logger.info("lragent runtime: scheme=%s, lr cache=%s", scheme, _RUNTIME.enabled)
+        logger.info("lragent runtime: scheme=%s, lr cache=%s, LR width %d (lr basis %s)",
+                    scheme, _RUNTIME.enabled, _RUNTIME.width, lr_basis)
     return _RUNTIME

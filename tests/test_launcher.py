@@ -1,12 +1,16 @@
-"""Launcher argument handling (no server started here)."""
+"""Launcher argument handling and adapter pre-checks (no server started here)."""
 
 from __future__ import annotations
 
+import json
+import os
+from types import SimpleNamespace
+
 import pytest
 
-from lragent_sglang.config import ConfigError, check_scheme, scheme_from_env
+from lragent_sglang.config import ConfigError, check_lr_basis, check_scheme, lr_basis_from_env, scheme_from_env
 from lragent_sglang.adapter_check import lora_pairs
-from lragent_sglang.launch_server import build_parser, with_defaults
+from lragent_sglang.launch_server import build_parser, check_adapters, set_lragent_env, with_defaults
 
 
 def test_with_defaults_selects_our_backends_and_keeps_user_values():
@@ -45,3 +49,69 @@ def test_scheme_flag_and_env(monkeypatch):
         scheme_from_env()
     with pytest.raises(ConfigError, match="non-shared"):
         check_scheme("nonshared")
+
+
+def test_lr_basis_flag_env_and_scheme_check(monkeypatch):
+    ours, _ = build_parser().parse_known_args(["--lragent-scheme", "base-lr-shared", "--lragent-lr-basis", "joint"])
+    assert ours.lragent_lr_basis == "joint"
+    assert build_parser().parse_known_args([])[0].lragent_lr_basis == "shared-a"
+    assert check_lr_basis("joint", "base-lr-shared") == "joint"
+    with pytest.raises(ConfigError, match="base-lr-shared.*base-shared"):
+        check_lr_basis("joint", "base-shared")
+    monkeypatch.setenv("LRAGENT_LR_BASIS", "diagonal")
+    with pytest.raises(ConfigError, match="diagonal"):
+        lr_basis_from_env("base-lr-shared")
+
+
+def launcher_error(capsys, fn, *args) -> str:
+    """The one-line message of a launcher step that must exit with status 2."""
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_joint_basis_with_another_scheme_is_refused(capsys, monkeypatch):
+    monkeypatch.delenv("LRAGENT_SCHEME", raising=False)
+    parser = build_parser()
+    ours, _ = parser.parse_known_args(["--lragent-scheme", "non-shared", "--lragent-lr-basis", "joint"])
+    msg = launcher_error(capsys, set_lragent_env, parser, ours)
+    assert "--lragent-lr-basis joint" in msg and "non-shared" in msg
+    assert "LRAGENT_SCHEME" not in os.environ
+
+
+@pytest.fixture(scope="module")
+def independent(smollm2, tmp_path_factory):
+    from lragent_sglang.adapters import make_role_adapters
+
+    return make_role_adapters(smollm2, tmp_path_factory.mktemp("ind"), roles=("plan", "action"))
+
+
+def server_args(smollm2, adapters: dict | None) -> SimpleNamespace:
+    paths = [f"{r}={p}" for r, p in adapters.items()] if adapters else None
+    return SimpleNamespace(lora_paths=paths, model_path=str(smollm2), max_lora_rank=None)
+
+
+def test_shared_a_default_refuses_independent_adapters_and_suggests_joint(capsys, smollm2, independent):
+    parser = build_parser()
+    ours, _ = parser.parse_known_args(["--lragent-scheme", "base-lr-shared"])
+    msg = launcher_error(capsys, check_adapters, parser, ours, server_args(smollm2, independent))
+    assert "'plan'" in msg and "'action'" in msg and "v_proj A" in msg and "--lragent-lr-basis joint" in msg
+    ours, _ = parser.parse_known_args(["--lragent-scheme", "base-lr-shared", "--lragent-lr-basis", "joint"])
+    args = server_args(smollm2, independent)
+    check_adapters(parser, ours, args)
+    assert args.max_lora_rank == 8
+    msg = launcher_error(capsys, check_adapters, parser, ours, server_args(smollm2, None))
+    assert "--lragent-lr-basis joint" in msg and "--lora-paths" in msg
+
+
+def test_launcher_refuses_adapters_sglang_would_serve_differently(capsys, smollm2, tmp_path):
+    from lragent_sglang.adapters import make_role_adapters
+
+    path = make_role_adapters(smollm2, tmp_path, roles=("rs",))["rs"]
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    parser = build_parser()
+    ours, _ = parser.parse_known_args(["--lragent-scheme", "non-shared"])
+    msg = launcher_error(capsys, check_adapters, parser, ours, server_args(smollm2, {"rs": path}))
+    assert "'rs'" in msg and "rsLoRA" in msg
