@@ -31,6 +31,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from lragent_sglang.radix import LRRadixTree
 from lragent_sglang.radix.node import TreeNode
 from lragent_sglang.runtime import LRAgentRuntime, kv_bytes_per_token
+from lragent_sglang.stats import AdapterStats, first_look, prompt_len
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class LRAgentRadixCache(BasePrefixCache):
             eviction_policy=params.eviction_policy,
             device=self.device,
         )
+        self.adapter_stats = AdapterStats()
         if params.enable_metrics:
             self.init_metrics_collector()
 
@@ -81,6 +83,7 @@ class LRAgentRadixCache(BasePrefixCache):
 
     def reset(self) -> None:
         self.tree.reset()
+        self.adapter_stats.reset()
         if self.lr_pool is not None:
             self.lr_pool.clear()
 
@@ -107,15 +110,17 @@ class LRAgentRadixCache(BasePrefixCache):
         if self.disable or key.extra_key is not None or len(key) == 0:
             if req is None:
                 return self._empty_match()
+            if first_look(req):
+                self.adapter_stats.record(req.lora_id, prompt_len(req), 0, 0)
             req.lragent_gap = None
             req.lragent_lr_prefix = None
             return self._empty_match(self.rt.lr_key(req.lora_id))
         lr_key = self.rt.lr_key(req.lora_id) if req is not None else None
-        first_look = req is not None and not getattr(req, "lragent_counted", False)
-        m = self.tree.match(key.raw_token_ids(), lr_key, record_stats=first_look)
-        if first_look:
-            req.lragent_counted = True
+        counted = first_look(req)
+        m = self.tree.match(key.raw_token_ids(), lr_key, record_stats=counted)
         use_len = m.lr_len if lr_key is not None else m.base_len
+        if counted:
+            self.adapter_stats.record(req.lora_id, prompt_len(req), m.base_len, use_len)
         if req is not None:
             req.lragent_gap = m.base_indices[use_len:] if m.base_len > use_len else None
             req.lragent_lr_prefix = m.lr_indices if lr_key is not None else None
@@ -247,8 +252,10 @@ class LRAgentRadixCache(BasePrefixCache):
         self.tree.pretty_print()
 
     def stats(self) -> dict[str, Any]:
-        """The tree's statistics plus LR pool occupancy (for metrics and /lragent/stats)."""
+        """The tree's statistics (per LR key), the per-adapter counters (keyed by lora_id)
+        and LR pool occupancy, for metrics and /lragent/stats."""
         out = dict(self.tree.stats())
+        out["per_adapter"] = self.adapter_stats.snapshot()
         if self.lr_pool is not None:
             out["lr_pool_size"] = self.lr_pool.size
             out["lr_pool_available"] = self.lr_pool.available_size()

@@ -1,21 +1,35 @@
-"""The live radix-cache dashboard: one static page that polls `/lragent/stats`.
+"""The live radix-cache dashboard: one static page that polls `/lragent/stats` and, when
+the server runs with `--enable-metrics`, SGLang's own `/metrics`.
 
 The page (`dashboard.html`, self-contained: no CDN, the servers it runs next to often
 have no internet) is served by our launcher at `GET /lragent/dashboard`. For a server
 started by the stock launcher, `python -m lragent_sglang.dashboard URL` serves the same
-page locally and forwards its `/lragent/stats` and `/server_info` reads to URL.
+page locally and forwards its reads (FORWARDED) to URL.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.server
+import urllib.error
 import urllib.request
 from importlib import resources
 
 PAGE_NAME = "dashboard.html"
 ROUTE = "/lragent/dashboard"
-FORWARDED = ("/lragent/stats", "/server_info")
+FORWARDED = ("/lragent/stats", "/server_info", "/metrics")
+# SGLang's own metrics that the page and dashboards/grafana-lragent.json read, as its
+# 0.5.17 server exports them (the tests check the page, the Grafana JSON and a live server).
+SGLANG_METRICS = (
+    "sglang:prompt_tokens_total",
+    "sglang:cached_tokens_total",
+    "sglang:generation_tokens_total",
+    "sglang:num_running_reqs",
+    "sglang:num_queue_reqs",
+    "sglang:gen_throughput",
+    "sglang:token_usage",
+    "sglang:cache_hit_rate",
+)
 
 
 def page() -> str:
@@ -44,13 +58,20 @@ def make_handler(upstream: str) -> type[http.server.BaseHTTPRequestHandler]:
             if path in ("/", ROUTE):
                 self.reply(200, "text/html; charset=utf-8", html)
             elif path in FORWARDED:
-                try:
-                    with urllib.request.urlopen(upstream.rstrip("/") + path, timeout=30) as resp:
-                        self.reply(resp.status, "application/json", resp.read())
-                except OSError as exc:
-                    self.reply(502, "text/plain", f"upstream {upstream}: {exc}".encode())
+                self.forward(path)
             else:
                 self.reply(404, "text/plain", b"not found")
+
+        def forward(self, path: str) -> None:
+            """Pass the upstream's answer on, errors included: a server without
+            --enable-metrics answers /metrics with an error, which the page shows as such."""
+            try:
+                with urllib.request.urlopen(upstream.rstrip("/") + path, timeout=30) as resp:
+                    self.reply(resp.status, resp.headers.get("Content-Type", "application/json"), resp.read())
+            except urllib.error.HTTPError as exc:
+                self.reply(exc.code, exc.headers.get("Content-Type", "text/plain"), exc.read())
+            except OSError as exc:
+                self.reply(502, "text/plain", f"upstream {upstream}: {exc}".encode())
 
         def reply(self, status: int, ctype: str, body: bytes) -> None:
             self.send_response(status)

@@ -1,6 +1,6 @@
 """Radix-cache statistics as Prometheus metrics on SGLang's `/metrics` (`--enable-metrics`).
 
-The tree lives in the scheduler process, so the metrics are created there, the way
+The caches live in the scheduler process, so the metrics are created there, the way
 SGLang's own `SchedulerMetricsCollector` creates its: prometheus_client is imported only
 inside the scheduler (after SGLang has set `PROMETHEUS_MULTIPROC_DIR`), cumulative
 numbers are Counters (summed over processes by the multiprocess collector), current
@@ -9,11 +9,13 @@ collector's labels (model_name, tp_rank, ...), so data-parallel schedulers stay 
 
 Updates ride on `SchedulerMetricsCollector.log_stats`, which SGLang calls after each
 prefill batch, every `--decode-log-interval` decode steps and when the scheduler goes
-idle (at the latest 30 s later): one `cache.stats()` snapshot per call, counters advanced
-by the delta since the previous snapshot. So, like SGLang's own gauges, the values are
-those of SGLang's last publish; `/lragent/stats` is read live. Registered for the
-base-sharing schemes only (the other schemes use SGLang's RadixCache, which has no such
-statistics).
+idle (at the latest 30 s later): one `lragent_state` snapshot per call, counters
+advanced by the delta since the previous snapshot. So, like SGLang's own gauges, the
+values are those of SGLang's last publish; `/lragent/stats` is read live.
+
+Per-adapter series (label `adapter`: the name given in `--lora-paths`, "none" without
+one) exist in every scheme; per-LR-key series (label `lr_key`: the adapter's name in
+base-shared, "shared-lr" in base-lr-shared) and the LR pool only where an LR cache does.
 """
 
 from __future__ import annotations
@@ -24,23 +26,30 @@ import weakref
 from typing import Any
 
 from lragent_sglang.config import scheme_from_env
+from lragent_sglang.runtime import selected
 from lragent_sglang.stats import lragent_state
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_LABEL = "adapter"
+LR_KEY_LABEL = "lr_key"
 PREFIX = "sglang:lragent_"
 
-# `per_lr_key[adapter]` field -> (metric name without prefix, help).
+# `per_adapter[name]` field -> (metric name without prefix, help).
 ADAPTER_COUNTERS: dict[str, tuple[str, str]] = {
-    "requested_tokens": ("requested_tokens", "Prompt tokens looked up in the radix tree."),
-    "base_hit_tokens": ("base_hit_tokens", "Prompt tokens whose base KV was found in the tree."),
-    "lr_hit_tokens": ("lr_hit_tokens", "Prompt tokens whose LR cache was found in the tree."),
-    "lr_gap_tokens": ("lr_gap_tokens", "Base-hit tokens whose LR cache had to be re-prefilled."),
+    "requests": ("requests", "Requests, counted at their first prefix match."),
+    "prompt_tokens": ("prompt_tokens", "Prompt tokens of those requests."),
+    "base_hit_tokens": ("base_hit_tokens", "Prompt tokens whose K and base V were cached."),
+    "lr_hit_tokens": ("lr_hit_tokens", "Prompt tokens whose whole V (base and the adapter's LR) was cached."),
+    "lr_reprefill_tokens": ("lr_reprefill_tokens", "Base-hit tokens whose LR cache had to be re-prefilled."),
+    "computed_tokens": ("computed_tokens", "Prompt tokens the prefill forwarded (LR re-prefill included)."),
+}
+# `per_lr_key[key]` field -> (metric name without prefix, help).
+LR_KEY_COUNTERS: dict[str, tuple[str, str]] = {
     "lr_inserted_tokens": ("lr_inserted_tokens", "LR-cache tokens inserted into the tree."),
     "lr_evicted_tokens": ("lr_evicted_tokens", "LR-cache tokens evicted from the tree."),
 }
-ADAPTER_GAUGES: dict[str, tuple[str, str]] = {
+LR_KEY_GAUGES: dict[str, tuple[str, str]] = {
     "lr_tokens": ("lr_tokens", "LR-cache tokens held in the tree now."),
     "lr_bytes": ("lr_bytes", "Bytes of LR cache held in the tree now."),
 }
@@ -60,12 +69,20 @@ POOL_GAUGES: dict[str, tuple[str, str]] = {
 }
 
 
+def exported_names() -> set[str]:
+    """Every sample name we export (prometheus_client adds `_total` to counters)."""
+    counters = [*ADAPTER_COUNTERS.values(), *LR_KEY_COUNTERS.values(), *BASE_COUNTERS.values()]
+    gauges = [*LR_KEY_GAUGES.values(), *BASE_GAUGES.values(), *POOL_GAUGES.values()]
+    return {PREFIX + n + "_total" for n, _ in counters} | {PREFIX + n for n, _ in gauges} | {PREFIX + "info"}
+
+
 @dataclasses.dataclass
 class Families:
     """The metric objects of one process (prometheus_client refuses to create a name twice)."""
 
     adapter_counters: dict[str, Any]
-    adapter_gauges: dict[str, Any]
+    lr_key_counters: dict[str, Any]
+    lr_key_gauges: dict[str, Any]
     base_counters: dict[str, Any]
     base_gauges: dict[str, Any]
     pool_gauges: dict[str, Any]
@@ -85,6 +102,7 @@ def families_for(collector: Any, labelnames: tuple[str, ...]) -> Families:
     counter_cls = getattr(collector, "_counter_cls", None) or PromCounter
     gauge_cls = getattr(collector, "_gauge_cls", None) or PromGauge
     per_adapter = [*labelnames, ADAPTER_LABEL]
+    per_lr_key = [*labelnames, LR_KEY_LABEL]
 
     def counters(spec: dict[str, tuple[str, str]], names: list[str]) -> dict[str, Any]:
         return {
@@ -99,7 +117,8 @@ def families_for(collector: Any, labelnames: tuple[str, ...]) -> Families:
 
     fams = Families(
         adapter_counters=counters(ADAPTER_COUNTERS, per_adapter),
-        adapter_gauges=gauges(ADAPTER_GAUGES, per_adapter),
+        lr_key_counters=counters(LR_KEY_COUNTERS, per_lr_key),
+        lr_key_gauges=gauges(LR_KEY_GAUGES, per_lr_key),
         base_counters=counters(BASE_COUNTERS, list(labelnames)),
         base_gauges=gauges(BASE_GAUGES, list(labelnames)),
         pool_gauges=gauges(POOL_GAUGES, list(labelnames)),
@@ -113,18 +132,18 @@ def families_for(collector: Any, labelnames: tuple[str, ...]) -> Families:
 
 
 class LRAgentMetrics:
-    """One scheduler's exporter: turns `cache.stats()` snapshots into metric updates."""
+    """One scheduler's exporter: turns `lragent_state` snapshots into metric updates."""
 
     def __init__(self, scheduler: Any, collector: Any) -> None:
         self.scheduler = scheduler
         self.labels = {k: str(v) for k, v in collector.labels.items()}
         self.fams = families_for(collector, tuple(self.labels))
-        self.last: dict[tuple[str, str], int] = {}
-        self.adapters: set[str] = set()
+        self.last: dict[tuple[str, ...], int] = {}
+        self.lr_keys: set[str] = set()
         self.failed = False
         self.fams.info.labels(**self.labels, scheme=scheme_from_env()).set(1)
 
-    def advance(self, counter: Any, key: tuple[str, str], value: int, labels: dict[str, str]) -> None:
+    def advance(self, counter: Any, key: tuple[str, ...], value: int, labels: dict[str, str]) -> None:
         """Add what `value` (a cumulative number) grew by; after a reset it counts from 0.
         Series are created at 0 on first sight, so a rate() over them starts from there."""
         prev = self.last.get(key)
@@ -137,27 +156,39 @@ class LRAgentMetrics:
 
     def update(self) -> None:
         state = lragent_state(self.scheduler)
-        if "per_lr_key" not in state:
-            return
-        fams = self.fams
-        for field, counter in fams.base_counters.items():
-            self.advance(counter, ("base", field), state["base"][field], self.labels)
-        for field, gauge in fams.base_gauges.items():
-            gauge.labels(**self.labels).set(state["base"][field])
-        for field, gauge in fams.pool_gauges.items():
+        self.update_base(state.get("base", {}))
+        for field, gauge in self.fams.pool_gauges.items():
             if field in state:
                 gauge.labels(**self.labels).set(state[field])
-        per_key: dict[str, dict[str, int]] = state["per_lr_key"]
-        for adapter in self.adapters - per_key.keys():
-            for gauge in fams.adapter_gauges.values():
-                gauge.labels(**self.labels, adapter=adapter).set(0)
-        for adapter, entry in per_key.items():
-            labels = {**self.labels, ADAPTER_LABEL: adapter}
-            for field, counter in fams.adapter_counters.items():
-                self.advance(counter, (adapter, field), entry[field], labels)
-            for field, gauge in fams.adapter_gauges.items():
+        for name, entry in state.get("per_adapter", {}).items():
+            labels = {**self.labels, ADAPTER_LABEL: name}
+            for field, counter in self.fams.adapter_counters.items():
+                self.advance(counter, (ADAPTER_LABEL, name, field), entry[field], labels)
+        if "per_lr_key" in state:
+            self.update_lr_keys(state["per_lr_key"])
+
+    def update_base(self, base: dict[str, int]) -> None:
+        """Unlabelled base-KV series; a stock cache has no insert counter, so only the
+        fields present are exported."""
+        for field, counter in self.fams.base_counters.items():
+            if field in base:
+                self.advance(counter, ("base", field), base[field], self.labels)
+        for field, gauge in self.fams.base_gauges.items():
+            if field in base:
+                gauge.labels(**self.labels).set(base[field])
+
+    def update_lr_keys(self, per_key: dict[str, dict[str, int]]) -> None:
+        """Per-LR-key series; a key that left the tree keeps its gauges, at 0."""
+        for key in self.lr_keys - per_key.keys():
+            for gauge in self.fams.lr_key_gauges.values():
+                gauge.labels(**self.labels, **{LR_KEY_LABEL: key}).set(0)
+        for key, entry in per_key.items():
+            labels = {**self.labels, LR_KEY_LABEL: key}
+            for field, counter in self.fams.lr_key_counters.items():
+                self.advance(counter, (LR_KEY_LABEL, key, field), entry[field], labels)
+            for field, gauge in self.fams.lr_key_gauges.items():
                 gauge.labels(**labels).set(entry[field])
-        self.adapters |= per_key.keys()
+        self.lr_keys |= per_key.keys()
 
     def safe_update(self) -> None:
         """Never let metrics break scheduling; warn once, keep trying."""
@@ -170,12 +201,14 @@ class LRAgentMetrics:
 
 
 _exporters: "weakref.WeakKeyDictionary[Any, LRAgentMetrics]" = weakref.WeakKeyDictionary()
+_registered = False
 
 
 def attach_exporter(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER hook of `Scheduler.init_metrics_reporter`: an exporter for its collector."""
+    """AFTER hook of `Scheduler.init_metrics_reporter`: an exporter for its collector,
+    where metrics are on and our backends are selected."""
     collector = getattr(scheduler, "metrics_collector", None)
-    if collector is None:
+    if collector is None or not selected(scheduler.server_args):
         return
     _exporters[collector] = LRAgentMetrics(scheduler, collector)
     logger.info("lragent metrics: exporting %s* from this scheduler", PREFIX)
@@ -189,6 +222,11 @@ def export_after_log_stats(result: Any, collector: Any, *args: Any, **kwargs: An
 
 
 def register_hooks() -> None:
+    """Idempotent: `stats.register_hooks` calls it for every scheme, `backends` again
+    for the base-sharing ones."""
+    global _registered
+    if _registered:
+        return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(
@@ -198,3 +236,4 @@ def register_hooks() -> None:
         "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats",
         export_after_log_stats, HookType.AFTER,
     )
+    _registered = True

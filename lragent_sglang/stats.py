@@ -1,16 +1,127 @@
 """Radix statistics out of the scheduler: `/server_info` and `/lragent/stats`.
 
-The tree lives in the scheduler process; SGLang already carries each scheduler's
+The caches live in the scheduler process; SGLang already carries each scheduler's
 `get_internal_state()` dict to the HTTP process, so ours rides along under "lragent"
 (adapter ids renamed to adapter names). `/lragent/stats` returns just that part.
+
+Per adapter is the primary view, in every scheme: a tree keyed by LR key cannot tell
+the roles of base-lr-shared apart (they share one key), so each cache also counts, at a
+request's first prefix match, its prompt tokens and what the cache gave it. Our
+`LRAgentRadixCache` does so itself; SGLang's `RadixCache` (non-shared, full-shared) is
+counted through hooks on its `match_prefix` and `evict`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
+from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
+
 from lragent_sglang.config import scheme_from_env
-from lragent_sglang.runtime import SHARED_LR_KEY, kv_bytes_per_token
+from lragent_sglang.runtime import SHARED_LR_KEY, kv_bytes_per_token, selected
+
+logger = logging.getLogger(__name__)
+
+NO_ADAPTER = "none"  # the name of requests without an adapter, in JSON and metric labels
+
+
+@dataclasses.dataclass(slots=True)
+class AdapterCounters:
+    """Cumulative numbers of one adapter's requests, each counted at its first match."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    base_hit_tokens: int = 0  # cached K and V_base
+    lr_hit_tokens: int = 0  # cached K and the whole V (V_base and this adapter's LR)
+    lr_reprefill_tokens: int = 0  # base hit, LR missing: forwarded to write LR rows only
+    computed_tokens: int = 0  # forwarded by the prefill (LR re-prefill included)
+
+
+ADAPTER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AdapterCounters))
+
+
+class AdapterStats:
+    """Per-adapter counters, keyed by `lora_id` (None: no adapter)."""
+
+    def __init__(self) -> None:
+        self.per_adapter: dict[str | None, AdapterCounters] = {}
+
+    def record(self, lora_id: str | None, prompt_tokens: int, base_hit: int, full_hit: int) -> None:
+        """One request: `base_hit` tokens have cached K and V_base, `full_hit` (<= base_hit)
+        also the adapter's LR, which is the prefix SGLang reuses; the rest is forwarded."""
+        c = self.per_adapter.get(lora_id)
+        if c is None:
+            c = self.per_adapter[lora_id] = AdapterCounters()
+        c.requests += 1
+        c.prompt_tokens += prompt_tokens
+        c.base_hit_tokens += base_hit
+        c.lr_hit_tokens += full_hit
+        c.lr_reprefill_tokens += base_hit - full_hit
+        c.computed_tokens += prompt_tokens - full_hit
+
+    def snapshot(self) -> dict[str | None, dict[str, int]]:
+        return {k: dataclasses.asdict(v) for k, v in self.per_adapter.items()}
+
+    def reset(self) -> None:
+        self.per_adapter.clear()
+
+
+def first_look(req: Any) -> bool:
+    """True once per request: SGLang matches a waiting request again at every scheduling
+    attempt (and the priority path without a request), which must not count twice.
+    Never for SGLang's health checks, which its own request metrics skip too."""
+    if req is None or getattr(req, "lragent_counted", False) or str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
+        return False
+    req.lragent_counted = True
+    return True
+
+
+def prompt_len(req: Any) -> int:
+    return len(req.origin_input_ids)
+
+
+# ---------------------------------------------------------------- SGLang's RadixCache
+
+
+@dataclasses.dataclass
+class StockCacheStats:
+    """What we count on a stock `RadixCache` built by our factory."""
+
+    adapters: AdapterStats = dataclasses.field(default_factory=AdapterStats)
+    evicted_tokens: int = 0
+
+
+def stock_stats(cache: Any) -> StockCacheStats | None:
+    """The counters of a stock cache, created on first use; None where our backends are
+    not selected (the hooks then leave SGLang's cache alone)."""
+    if "lragent_stats" not in cache.__dict__:
+        from sglang.srt.server_args import get_global_server_args
+
+        cache.lragent_stats = StockCacheStats() if selected(get_global_server_args()) else None
+    return cache.lragent_stats
+
+
+def count_stock_match(result: Any, cache: Any, params: Any = None, *args: Any, **kwargs: Any) -> None:
+    """AFTER hook of `RadixCache.match_prefix`. A cached token's whole KV is reused there
+    (the adapter's own in non-shared, the writer's in full-shared): base hit = LR hit."""
+    req = getattr(params, "req", None)
+    stats = stock_stats(cache) if req is not None else None
+    if stats is None or not first_look(req):
+        return
+    hit = len(result.device_indices)
+    stats.adapters.record(req.lora_id, prompt_len(req), hit, hit)
+
+
+def count_stock_evict(result: Any, cache: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER hook of `RadixCache.evict`."""
+    stats = stock_stats(cache)
+    if stats is not None and result is not None:
+        stats.evicted_tokens += result.num_tokens_evicted
+
+
+# ---------------------------------------------------------------- the state
 
 
 def adapter_names(scheduler: Any) -> dict[str, str]:
@@ -25,19 +136,43 @@ def adapter_names(scheduler: Any) -> dict[str, str]:
     return names
 
 
+def display_name(key: Any, names: dict[str, str]) -> str:
+    """An adapter id or LR key as people know it: the adapter's name, NO_ADAPTER, shared-lr."""
+    if key is None or key == "None":
+        return NO_ADAPTER
+    if key == SHARED_LR_KEY:
+        return SHARED_LR_KEY
+    return names.get(key, str(key))
+
+
+def renamed(entries: dict[Any, Any], names: dict[str, str]) -> dict[str, Any]:
+    return {display_name(k, names): v for k, v in entries.items()}
+
+
+def stock_state(cache: Any) -> dict[str, Any]:
+    """Base KV held (O(1) sizes, not SGLang's tree walk) and our counters, if any."""
+    tokens = cache.evictable_size() + cache.protected_size()
+    per_token = kv_bytes_per_token(cache.token_to_kv_pool_allocator.get_kvcache())
+    state: dict[str, Any] = {"base": {"tokens": tokens, "bytes": tokens * per_token}}
+    stats = stock_stats(cache)
+    if stats is not None:
+        state["base"]["evicted_tokens"] = stats.evicted_tokens
+        state["per_adapter"] = stats.adapters.snapshot()
+    return state
+
+
 def lragent_state(scheduler: Any) -> dict[str, Any]:
+    """The scheduler's statistics, names resolved (see README "Statistics")."""
     cache = scheduler.tree_cache
     state: dict[str, Any] = {"scheme": scheme_from_env()}
-    if not hasattr(cache, "stats") and hasattr(cache, "total_size"):
-        tokens = cache.total_size()
-        per_token = kv_bytes_per_token(cache.token_to_kv_pool_allocator.get_kvcache())
-        state["base"] = {"tokens": tokens, "bytes": tokens * per_token}
     if hasattr(cache, "stats"):
-        stats = cache.stats()
-        names = adapter_names(scheduler)
-        names.update({"None": "(base model)", SHARED_LR_KEY: SHARED_LR_KEY})
-        stats["per_lr_key"] = {names.get(k, k): v for k, v in stats["per_lr_key"].items()}
-        state.update(stats)
+        state.update(cache.stats())
+    elif hasattr(cache, "evictable_size") and hasattr(cache, "token_to_kv_pool_allocator"):
+        state.update(stock_state(cache))
+    names = adapter_names(scheduler)
+    for field in ("per_adapter", "per_lr_key"):
+        if field in state:
+            state[field] = renamed(state[field], names)
     return state
 
 
@@ -58,8 +193,16 @@ def add_stats_route() -> None:
 
 
 def register_hooks() -> None:
+    """The statistics hooks and, with them, their Prometheus exporter, for every scheme."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from lragent_sglang import metrics
 
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_internal_state", add_internal_state, HookType.AFTER
     )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.radix_cache.RadixCache.match_prefix", count_stock_match, HookType.AFTER
+    )
+    HookRegistry.register("sglang.srt.mem_cache.radix_cache.RadixCache.evict", count_stock_evict, HookType.AFTER)
+    metrics.register_hooks()

@@ -1,5 +1,6 @@
-"""The checked-in Grafana dashboard only queries metrics we export and covers the topics
-of the live dashboard, so a renamed metric cannot leave it silently empty."""
+"""The checked-in Grafana dashboard only queries metrics that exist (ours, and SGLang's own
+ones that the live page reads too) and covers the topics of the live dashboard, so a
+renamed metric cannot leave it silently empty."""
 
 from __future__ import annotations
 
@@ -7,29 +8,33 @@ import json
 import re
 from pathlib import Path
 
-from lragent_sglang import metrics
+from lragent_sglang import dashboard, metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "grafana-lragent.json"
 METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+")
 
 # topic -> (words the title must contain, metrics one of its queries must use)
+L = metrics.PREFIX
 TOPICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "base hit rate": (("base", "hit rate"), ("base_hit_tokens_total", "requested_tokens_total")),
-    "LR hit rate": (("lr", "hit rate"), ("lr_hit_tokens_total", "requested_tokens_total")),
-    "LR re-prefill": (("re-prefill",), ("lr_gap_tokens_total",)),
-    "evictions": (("eviction",), ("base_evicted_tokens_total", "lr_evicted_tokens_total")),
-    "memory": (("memory per component",), ("base_bytes", "lr_bytes")),
-    "memory without sharing": (("memory without sharing",), ("base_bytes", "base_tokens", "lr_tokens")),
-    "prefill without sharing": (("prefill without sharing",), ("requested_tokens_total", "lr_hit_tokens_total")),
+    "base hit rate": (("base", "hit rate", "adapter"), (L + "base_hit_tokens_total", L + "prompt_tokens_total")),
+    "LR hit rate": (("lr", "hit rate", "adapter"), (L + "lr_hit_tokens_total", L + "prompt_tokens_total")),
+    "LR re-prefill": (("re-prefill", "adapter"), (L + "lr_reprefill_tokens_total",)),
+    "prefill compute": (("prefill compute", "adapter"), (L + "computed_tokens_total",)),
+    "evictions": (("eviction",), (L + "base_evicted_tokens_total", L + "lr_evicted_tokens_total")),
+    "memory": (("memory per component",), (L + "base_bytes", L + "lr_bytes")),
+    "LR memory per key": (("lr memory per lr key",), (L + "lr_bytes",)),
+    "memory without sharing": (("memory without sharing",), (L + "base_bytes", L + "base_tokens", L + "lr_tokens")),
+    "prefill without sharing": (("prefill without sharing",), (L + "prompt_tokens_total", L + "lr_hit_tokens_total")),
+    "SGLang throughput": (("throughput (sglang)",), ("sglang:prompt_tokens_total", "sglang:generation_tokens_total")),
+    "SGLang requests": (("requests (sglang)",), ("sglang:num_running_reqs", "sglang:num_queue_reqs")),
+    "SGLang usage": (("usage", "(sglang)"), ("sglang:token_usage",)),
 }
 
 
-def exported_names() -> set[str]:
-    """Every sample name our exporter produces (prometheus_client adds `_total` to counters)."""
-    counters = [n for n, _ in (*metrics.ADAPTER_COUNTERS.values(), *metrics.BASE_COUNTERS.values())]
-    gauges = [n for n, _ in (*metrics.ADAPTER_GAUGES.values(), *metrics.BASE_GAUGES.values(),
-                             *metrics.POOL_GAUGES.values())]
-    return {metrics.PREFIX + n + "_total" for n in counters} | {metrics.PREFIX + n for n in [*gauges, "info"]}
+def known_names() -> set[str]:
+    """Our exported sample names and the SGLang metrics checked against a live server
+    (tests/test_dashboard.py)."""
+    return metrics.exported_names() | set(dashboard.SGLANG_METRICS)
 
 
 def load() -> dict:
@@ -41,7 +46,7 @@ def exprs(panel: dict) -> list[str]:
 
 
 def test_queries_use_only_exported_metrics():
-    names = exported_names()
+    names = known_names()
     panels = load()["panels"]
     assert panels
     for panel in panels:
@@ -54,12 +59,19 @@ def test_queries_use_only_exported_metrics():
             assert panel["datasource"]["uid"] == "${datasource}"
 
 
+def test_every_metric_we_export_is_shown():
+    used = {n for p in load()["panels"] for e in exprs(p) for n in METRIC_NAME.findall(e)}
+    unused = metrics.exported_names() - used - {L + "base_inserted_tokens_total", L + "lr_inserted_tokens_total"}
+    assert not unused, f"exported but on no panel: {sorted(unused)}"
+
+
 def test_rates_wrap_counters_only():
-    counter = re.compile(re.escape(metrics.PREFIX) + r"\w+_total")
+    counter = re.compile(r"sglang:\w+_total")
     for panel in load()["panels"]:
         for expr in exprs(panel):
             for match in counter.finditer(expr):
-                assert expr[: match.start()].endswith("rate("), f"counter without rate(): {expr}"
+                before = expr[: match.start()]
+                assert before.endswith(("rate(", "increase(")), f"counter without rate(): {expr}"
 
 
 def test_panels_cover_the_topics():
@@ -68,11 +80,21 @@ def test_panels_cover_the_topics():
         matching = [p for p in panels if all(w in p["title"].lower() for w in words)]
         assert matching, f"no panel for {topic}"
         used = {n for p in matching for e in exprs(p) for n in METRIC_NAME.findall(e)}
-        assert {metrics.PREFIX + n for n in needed} <= used, f"{topic}: missing {needed}"
+        assert set(needed) <= used, f"{topic}: missing {sorted(set(needed) - used)}"
+
+
+def test_per_adapter_panels_group_by_adapter():
+    for panel in load()["panels"]:
+        if "per adapter" in panel["title"].lower():
+            for expr in exprs(panel):
+                assert f"by ({metrics.ADAPTER_LABEL})" in expr, expr
+        if "per lr key" in panel["title"].lower():
+            for expr in exprs(panel):
+                assert f"by ({metrics.LR_KEY_LABEL})" in expr, expr
 
 
 def test_datasource_is_a_variable():
     variables = {v["name"]: v for v in load()["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    assert "$adapters" in json.dumps(load()["panels"]) and "adapters" in variables
+    assert "model" in variables
