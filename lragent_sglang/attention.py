@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import torch
+from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
@@ -134,69 +135,171 @@ class LRAgentTorchAttnBackend(TorchNativeAttnBackend):
         return self._attend(q, layer, forward_batch, decode=True)
 
 
-def ragged_indices(table: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`indptr [B+1]` and the concatenated `table[rows[b], :lens[b]]` (one host sync)."""
-    indptr = torch.zeros(len(lens) + 1, dtype=torch.int32, device=lens.device)
-    indptr[1:] = torch.cumsum(lens, 0)
-    total = int(indptr[-1])
-    owner = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens, output_size=total)
-    pos = torch.arange(total, device=lens.device) - indptr[owner].to(torch.int64)
-    return indptr, table[rows[owner], pos].to(torch.int64)
+def fill_indices(table: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor, indptr: torch.Tensor,
+                 out: torch.Tensor) -> None:
+    """`out[indptr[b] : indptr[b + 1]] = table[rows[b], :lens[b]]` on the device (no host sync)."""
+    create_flashinfer_kv_indices_triton[(rows.shape[0],)](table, rows, lens, indptr, None, out, table.stride(0))
+
+
+def check_no_prefill_graph(server_args: Any) -> None:
+    """Refuse prefill CUDA graphs: SGLang's (breakable) prefill graphs replay the QKV
+    projection without running Python, so the LR rows it computes would never reach the
+    LR pool. Decode graphs capture the whole forward and are supported."""
+    cfg = getattr(server_args, "cuda_graph_config", None)
+    backend = getattr(getattr(cfg, "prefill", None), "backend", "disabled")
+    if backend != "disabled":
+        raise ValueError(
+            f"the lragent attention backend cannot run prefill CUDA graphs (prefill backend {backend!r}): "
+            "pass --disable-prefill-cuda-graph (our launcher does)"
+        )
+
+
+def request_lora_slots(lora_manager: Any, bs: int) -> torch.Tensor:
+    """LoRA buffer slot of each request, as SGLang's LoRA backend prepared it on the device.
+
+    Read from the backend's batch info rather than rebuilt from `lora_ids` on the host: under
+    CUDA graphs that info lives in persistent buffers the captured kernels keep reading.
+    """
+    info = lora_manager.lora_backend.batch_info
+    per_req = info.req_weight_indices if info.req_weight_indices is not None else info.weight_indices
+    return per_req[:bs]
 
 
 class LRAgentTritonAttnBackend(LRAgentTorchAttnBackend):
     """The Flash-LoRA Triton kernels (`lragent_sglang.kernels`) behind plan()/run().
 
-    Extend reads the new tokens' K / V_base / L densely; rows of an LR prefill gap take
-    the pool's (first writer's) K / V_base instead of the recomputed ones, as on CPU.
-    CUDA graphs are not supported yet (the launcher disables them for this backend).
+    All batch metadata is built on the device from sizes the host already knows
+    (`seq_lens_sum`, `extend_num_tokens`), so a forward never waits for the GPU. Decode
+    runs in CUDA graphs: `init_cuda_graph_state` allocates persistent index buffers, the
+    decode wrapper is planned on them once per captured batch size, and before each replay
+    `init_forward_metadata_out_graph` refills them. Extend reads the new tokens' K / V_base
+    densely, except in batches with an LR-prefill gap, whose rows take the pool's (first
+    writer's) K / V_base, as on CPU.
     """
 
     def __init__(self, runner: Any) -> None:
         from lragent_sglang.kernels import FlashLoRADecodeWrapper, FlashLoRAExtendWrapper
 
         super().__init__(runner)
+        check_no_prefill_graph(runner.server_args)
         cfg = runner.model_config
         tp = runner.ps.tp_size
         h_q = cfg.num_attention_heads // tp
         h_kv = max(1, cfg.get_num_kv_heads(tp))
         self.scaling = cfg.head_dim ** -0.5
+        self.max_context_len = self.req_to_token_pool.req_to_token.shape[1]
         self.decode_wrapper = FlashLoRADecodeWrapper(h_q, h_kv, cfg.head_dim, max_lr_rank=max(self.rt.width, 1), device=runner.device)
         self.extend_wrapper = FlashLoRAExtendWrapper(h_q, h_kv, cfg.head_dim, device=runner.device)
         self.extend_loc: torch.Tensor | None = None
+        self.graph: dict[str, torch.Tensor] = {}
 
-    def init_cuda_graph_state(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "the lragent base-sharing backend does not support CUDA graphs yet: pass --disable-cuda-graph"
-        )
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, **kwargs: Any) -> None:
+        """Persistent decode metadata for every captured batch size (int32 indices: the
+        kernels widen them; a request's slots fill at most `max_context_len` entries)."""
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self.graph = {
+            "kv_indptr": torch.zeros(max_bs + 1, **i32),
+            "kv_indices": torch.zeros(max_bs * self.max_context_len, **i32),
+            "adapter_ids": torch.full((max_bs,), -1, **i32),
+            "lr_out_loc": torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            "token_slot": torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+        }
+        if self.rt.enabled:
+            self.graph["lr_indices"] = torch.zeros(max_bs * self.max_context_len, **i32)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
-        super().init_forward_metadata(forward_batch)
-        rt = self.rt
-        rows = forward_batch.req_pool_indices
-        req_to_token = self.req_to_token_pool.req_to_token
-        adapter_ids = None
-        if rt.enabled:
-            live = torch.tensor([rt.slot_uid.get(int(s)) is not None for s in self.req_slot.tolist()], device=self.device)
-            adapter_ids = torch.where(live, self.req_slot, -1).to(torch.int32)
-        if forward_batch.forward_mode.is_decode_or_idle():
-            lens = forward_batch.seq_lens.to(torch.int64)
-            indptr, kv_idx = ragged_indices(req_to_token, rows, lens)
-            lr_idx = ragged_indices(rt.lr_pool.req_to_lr, rows, lens)[1] if rt.enabled else None
-            self.decode_wrapper.plan(indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling,
-                                     max_kv_len=int(lens.max()) if len(lens) else 1)
+        """Eager forwards (extend, and decode batches that do not fit a captured graph)."""
+        bs = forward_batch.batch_size
+        if bs == 0:
             return
-        prefix = forward_batch.extend_prefix_lens.to(torch.int64)
-        ext = forward_batch.extend_seq_lens.to(torch.int64)
-        indptr, kv_idx = ragged_indices(req_to_token, rows, prefix)
-        lr_idx = ragged_indices(rt.lr_pool.req_to_lr, rows, prefix)[1] if rt.enabled else None
-        qo_indptr = torch.zeros(len(ext) + 1, dtype=torch.int32, device=self.device)
-        qo_indptr[1:] = torch.cumsum(ext, 0)
-        self.extend_wrapper.plan(qo_indptr, indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling,
-                                 max_extend_len=int(ext.max()) if len(ext) else 0)
-        token_rows = torch.repeat_interleave(rows, ext)
-        loc = req_to_token[token_rows, forward_batch.positions.to(torch.int64)].to(torch.int64)
-        self.extend_loc = loc if bool((forward_batch.out_cache_loc == 0).any()) else None
+        if forward_batch.forward_mode.is_decode_or_idle():
+            indptr = torch.zeros(bs + 1, dtype=torch.int32, device=self.device)
+            n = int(forward_batch.seq_lens_sum)
+            kv_idx = torch.empty(n, dtype=torch.int32, device=self.device)
+            lr_idx = torch.empty(n, dtype=torch.int32, device=self.device) if self.rt.enabled else None
+            adapter_ids = torch.empty(bs, dtype=torch.int32, device=self.device) if self.rt.enabled else None
+            lr_out_loc, token_slot = torch.empty(2, bs, dtype=torch.int64, device=self.device)
+            self._fill_decode(forward_batch, bs, indptr, kv_idx, lr_idx, adapter_ids, lr_out_loc, token_slot, padding=0)
+            max_len = int(forward_batch.seq_lens_cpu.max()) if forward_batch.seq_lens_cpu is not None else None
+            self.decode_wrapper.plan(indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling, max_kv_len=max_len)
+            return
+        self._plan_extend(forward_batch, bs)
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        """Decode under CUDA graphs: refill the persistent buffers (capture and replay);
+        at capture, also plan the wrapper on them, which fixes this batch size's splits."""
+        bs = forward_batch.batch_size
+        g = self.graph
+        lr_idx = g.get("lr_indices")
+        adapter_ids = g["adapter_ids"][:bs] if self.rt.enabled else None
+        self._fill_decode(forward_batch, bs, g["kv_indptr"][: bs + 1], g["kv_indices"], lr_idx, adapter_ids,
+                          g["lr_out_loc"][:bs], g["token_slot"][:bs], padding=getattr(forward_batch, "num_padding", 0))
+        if in_capture:
+            self.decode_wrapper.plan(g["kv_indptr"][: bs + 1], g["kv_indices"], lr_idx, adapter_ids,
+                                     sm_scale=self.scaling)
+
+    def _fill_decode(self, fb: Any, bs: int, indptr: torch.Tensor, kv_idx: torch.Tensor,
+                     lr_idx: torch.Tensor | None, adapter_ids: torch.Tensor | None,
+                     lr_out_loc: torch.Tensor, token_slot: torch.Tensor, padding: int) -> None:
+        """Write one decode batch's metadata into the given buffers with device ops only
+        (under CUDA graphs the captured kernels read these buffers, so nothing may be
+        rebound to a new tensor here).
+
+        The last `padding` requests are CUDA-graph padding: their new LR row goes to the LR
+        pool's padding row 0, as their K / V go to KV slot 0 (their `req_pool_indices` may
+        name a live request, whose LR rows must not be overwritten).
+        """
+        rows, lens = fb.req_pool_indices[:bs], fb.seq_lens[:bs]
+        torch.cumsum(lens, 0, dtype=indptr.dtype, out=indptr[1:])
+        fill_indices(self.req_to_token_pool.req_to_token, rows, lens, indptr, kv_idx)
+        self.lr_out_loc = lr_out_loc
+        if not self.rt.enabled:
+            return
+        req_to_lr = self.rt.lr_pool.req_to_lr
+        fill_indices(req_to_lr, rows, lens, indptr, lr_idx)
+        lr_out_loc.copy_(req_to_lr[rows, (lens - 1).to(torch.int64)])
+        if padding:
+            lr_out_loc[bs - padding :].zero_()
+        slots = request_lora_slots(self.lora_manager, bs)
+        token_slot.copy_(slots)
+        self.rt.token_slot = token_slot
+        adapter_ids.copy_(self._adapter_ids(slots))
+
+    def _adapter_ids(self, slots: torch.Tensor) -> torch.Tensor:
+        """B row per request for the kernels: its LoRA slot, or -1 where the slot holds no
+        adapter (rank 0), which skips the LR term."""
+        ranks = self.lora_manager.lora_backend.batch_info.lora_ranks
+        return torch.where(ranks[slots.to(torch.int64)] > 0, slots, -1).to(torch.int32)
+
+    def _plan_extend(self, fb: Any, bs: int) -> None:
+        rows = fb.req_pool_indices
+        n = fb.extend_num_tokens
+        prefix, ext = fb.extend_prefix_lens, fb.extend_seq_lens
+        token_rows = torch.repeat_interleave(rows, ext, output_size=n)
+        positions = fb.positions.to(torch.int64)
+        kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=self.device)
+        torch.cumsum(prefix, 0, dtype=torch.int32, out=kv_indptr[1:])
+        n_prefix = sum(fb.extend_prefix_lens_cpu)
+        kv_idx = torch.empty(n_prefix, dtype=torch.int32, device=self.device)
+        fill_indices(self.req_to_token_pool.req_to_token, rows, prefix, kv_indptr, kv_idx)
+        qo_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=self.device)
+        torch.cumsum(ext, 0, dtype=torch.int32, out=qo_indptr[1:])
+        lr_idx = adapter_ids = None
+        if self.rt.enabled:
+            req_to_lr = self.rt.lr_pool.req_to_lr
+            lr_idx = torch.empty(n_prefix, dtype=torch.int32, device=self.device)
+            fill_indices(req_to_lr, rows, prefix, kv_indptr, lr_idx)
+            self.lr_out_loc = req_to_lr[token_rows, positions]
+            slots = request_lora_slots(self.lora_manager, bs)
+            self.rt.token_slot = torch.repeat_interleave(slots.to(torch.int64), ext, output_size=n)
+            adapter_ids = self._adapter_ids(slots)
+        self.extend_wrapper.plan(qo_indptr, kv_indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling,
+                                 max_extend_len=max(fb.extend_seq_lens_cpu))
+        has_gap = self.rt.take_gap(fb.rids)
+        self.extend_loc = self.req_to_token_pool.req_to_token[token_rows, positions].to(torch.int64) if has_gap else None
 
     def _lr_args(self, layer: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.rt.enabled:

@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.server_args import prepare_server_args
 
     argv = with_defaults(rest, cpu)
-    if not cpu and ours.lragent_scheme in ("base-shared", "base-lr-shared") and not _has_flag(argv, "--disable-cuda-graph"):
-        argv.append("--disable-cuda-graph")  # the Flash-LoRA backend has no CUDA-graph path yet
+    if not cpu and ours.lragent_scheme in ("base-shared", "base-lr-shared") and not _has_flag(argv, "--disable-prefill-cuda-graph"):
+        argv.append("--disable-prefill-cuda-graph")  # Flash-LoRA runs decode graphs only
     server_args = prepare_server_args(argv)
     check_adapters(parser, ours, server_args)
     logger.info("lragent scheme %s, lr basis %s, cpu=%s", ours.lragent_scheme, ours.lragent_lr_basis, cpu)

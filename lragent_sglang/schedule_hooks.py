@@ -17,6 +17,7 @@ import torch
 
 from lragent_sglang.cache import LRAgentRadixCache
 from lragent_sglang.config import scheme_from_env
+from lragent_sglang.runtime import get_runtime
 
 
 def _our_cache_selected() -> bool:
@@ -53,6 +54,7 @@ def fix_extend_alloc(original: Callable, batch: Any) -> tuple[torch.Tensor, torc
             req_to_token[row, prefix_len : prefix_len + g] = gap[:g].to(req_to_token.dtype)
             out_cache_loc[offset : offset + g] = 0
             req.lragent_gap = gap[g:]
+            get_runtime().gap_rids.add(req.rid)
         if req.last_node is not None and req.last_node.lr_key is not None:
             lr_prefix = getattr(req, "lragent_lr_prefix", None)
             if lr_prefix is not None:

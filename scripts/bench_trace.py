@@ -5,7 +5,7 @@ Every trajectory has its own random tokens and runs its 17 steps in order (each 
 the whole trajectory so far plus the new tokens); `--in-flight` trajectories run at once.
 Requests go over HTTP with token ids (`--skip-tokenizer-init`), streamed, so TTFT is the
 arrival of the first chunk. The `no-adapters` run is the same server with every request
-sent without an adapter: the upper bound of sharing. Prints a table, writes JSON.
+sent without an adapter (cache flushed first): the upper bound of sharing. Prints a table, writes JSON.
 
     python scripts/bench_trace.py --model-path M --lora-paths plan=P action=P reflect=P \
         --context 8192 --in-flight 8 [--schemes non-shared base-lr-shared ...] [--out F]
@@ -118,14 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     extra = [f for f in args.server_flags if f != "--"]
     base = ["--model-path", args.model_path, "--skip-tokenizer-init", "--enable-lora",
             "--lora-paths", *args.lora_paths, *extra]
-    runs = [(s, True) for s in args.schemes] + ([("non-shared", False)] if args.no_adapter_run else [])
+    schemes = list(args.schemes)
+    if args.no_adapter_run and "non-shared" not in schemes:
+        schemes.append("non-shared")
     table: dict[str, dict] = {}
-    for scheme, roles in runs:
-        label = scheme if roles else "no-adapters"
-        with ServerProcess([*base, "--lragent-scheme", scheme], log_path=args.out.with_suffix(f".{label}.log")) as srv:
-            stream_generate(srv.url, [100, 101, 102], None, 2)  # warm the kernels
-            table[label] = run_scheme(srv.url, steps, args.in_flight, roles, args.vocab, label)
-        logger.info("%s: %s", label, table[label])
+    for scheme in schemes:
+        runs = [(scheme, True)] if scheme in args.schemes else []
+        if args.no_adapter_run and scheme in ("non-shared", "base-lr-shared"):
+            # Same server, cache flushed in between: stock kernels, and ours.
+            runs.append(("no-adapters" if scheme == "non-shared" else "no-adapters lragent", False))
+        with ServerProcess([*base, "--lragent-scheme", scheme], log_path=args.out.with_suffix(f".{scheme}.log")) as srv:
+            for label, roles in runs:
+                requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
+                stream_generate(srv.url, [100, 101, 102], None, 2)  # warm the kernels
+                table[label] = run_scheme(srv.url, steps, args.in_flight, roles, args.vocab, label)
+                logger.info("%s: %s", label, table[label])
     ref = table.get("non-shared")
     print(f"\ntrace L={args.context} ({912 + 4 * args.context} tokens), {args.in_flight} in flight")
     print(f"{'run':16s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} {'KV MB/traj':>10s}")

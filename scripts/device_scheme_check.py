@@ -1,9 +1,13 @@
 """On the GPU machine: the schemes through the Flash-LoRA Triton backend against stock.
 
 Writes a random-weight SmolLM2-shaped bf16 checkpoint and three shared-A role adapters,
-then for each scheme starts our launcher and sends single-adapter and no-adapter greedy
-requests (each prompt family read by one adapter only, so every scheme should agree with
-non-shared up to bf16 kernel differences). Prints token agreement with non-shared.
+then for each configuration starts our launcher and sends single-adapter and no-adapter
+greedy requests (each prompt family read by one adapter only, so every scheme should agree
+with non-shared up to bf16 kernel differences). Configurations: stock non-shared, and the
+base-sharing schemes with decode CUDA graphs and without. Prints token agreement with
+non-shared and with the eager run of the same scheme, and the largest difference of the
+chosen tokens' logprobs while the outputs agree (random weights give flat logits, so bf16
+noise alone can flip greedy near-ties; the logprobs show whether the numbers agree).
 
     python3 scripts/device_scheme_check.py --tokenizer-from DIR --work DIR
 """
@@ -14,6 +18,7 @@ import argparse
 import json
 import random
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lragent_sglang.adapters import make_role_adapters
@@ -24,7 +29,15 @@ from make_random_llama import PRESETS, copy_tokenizer, write_checkpoint  # noqa:
 
 FLAGS = ["--sampling-backend", "pytorch", "--grammar-backend", "none", "--lora-backend", "triton",
          "--max-loras-per-batch", "4", "--max-lora-rank", "8", "--mem-fraction-static", "0.5",
-         "--disable-cuda-graph", "--skip-tokenizer-init"]
+         "--cuda-graph-max-bs", "8", "--skip-tokenizer-init"]
+CONFIGS = {
+    "non-shared": ("non-shared", []),
+    "base-shared": ("base-shared", []),
+    "base-shared eager": ("base-shared", ["--disable-cuda-graph"]),
+    "base-lr-shared": ("base-lr-shared", []),
+    "base-lr-shared eager": ("base-lr-shared", ["--disable-cuda-graph"]),
+}
+Output = tuple[list[int], list[float]]
 
 
 def families(seed: int = 0) -> dict[str, list[list[int]]]:
@@ -35,6 +48,30 @@ def families(seed: int = 0) -> dict[str, list[list[int]]]:
         head = [200 + i] + [rng.randrange(300, 30000) for _ in range(200)]
         out[role] = [head, head + [rng.randrange(300, 30000) for _ in range(100)]]
     return out
+
+
+def greedy(srv: ServerProcess, ids: list[int], role: str) -> Output:
+    payload = {"input_ids": ids, "return_logprob": True,
+               "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}}
+    if role != "none":
+        payload["lora_path"] = role
+    out = srv.generate(**payload)
+    return out["output_ids"], [lp[0] for lp in out["meta_info"]["output_token_logprobs"]]
+
+
+def agreement(outs: dict[str, list[Output]], ref: dict[str, list[Output]]) -> dict[str, float]:
+    """Equal tokens, and the largest logprob gap over each output's agreeing prefix."""
+    same = total = 0
+    gap = 0.0
+    for role in ref:
+        for (ids, lps), (ref_ids, ref_lps) in zip(outs[role], ref[role]):
+            total += len(ref_ids)
+            same += sum(x == y for x, y in zip(ids, ref_ids))
+            for x, y, lx, ly in zip(ids, ref_ids, lps, ref_lps):
+                gap = max(gap, abs(lx - ly))
+                if x != y:
+                    break
+    return {"same": same, "total": total, "max_dlogp": gap}
 
 
 def main() -> int:
@@ -48,28 +85,20 @@ def main() -> int:
     adapters = make_role_adapters(model, args.work / "adapters", shared_v_a=True)
     lora = ["--enable-lora", "--lora-paths", *[f"{r}={p}" for r, p in adapters.items()]]
     prompts = families()
-    outputs: dict[str, dict[str, list[list[int]]]] = {}
-    for scheme in ("non-shared", "base-shared", "base-lr-shared"):
-        with ServerProcess(["--model-path", str(model), *lora, *FLAGS, "--lragent-scheme", scheme],
-                           log_path=args.work / f"{scheme}.log") as srv:
-            outputs[scheme] = {}
-            for role, chain in prompts.items():
-                outputs[scheme][role] = []
-                for ids in chain:
-                    payload = {"input_ids": ids, "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}}
-                    if role != "none":
-                        payload["lora_path"] = role
-                    outputs[scheme][role].append(srv.generate(**payload)["output_ids"])
-    ref = outputs["non-shared"]
+    outputs: dict[str, dict[str, list[Output]]] = {}
+    for label, (scheme, extra) in CONFIGS.items():
+        with ServerProcess(["--model-path", str(model), *lora, *FLAGS, *extra, "--lragent-scheme", scheme],
+                           log_path=args.work / f"{label.replace(' ', '-')}.log") as srv:
+            jobs = [(role, ids) for role, chain in prompts.items() for ids in chain]
+            with ThreadPoolExecutor(len(jobs)) as pool:  # one decode batch: mixed adapters, graph padding
+                results = list(pool.map(lambda job: greedy(srv, job[1], job[0]), jobs))
+            outputs[label] = {role: [out for (r, _), out in zip(jobs, results) if r == role] for role in prompts}
     report = {}
-    for scheme, outs in outputs.items():
-        same = total = 0
-        for role in prompts:
-            for a, b in zip(outs[role], ref[role]):
-                same += sum(x == y for x, y in zip(a, b))
-                total += len(b)
-        report[scheme] = same / total
-        print(f"{scheme:15s} token agreement with non-shared: {same}/{total} = {same / total:.3f}")
+    for label, outs in outputs.items():
+        ref = "non-shared" if label.endswith("eager") or label == "non-shared" else f"{label} eager"
+        report[label] = {"vs non-shared": agreement(outs, outputs["non-shared"]), f"vs {ref}": agreement(outs, outputs[ref])}
+        print(f"{label:22s} " + "  ".join(f"{k}: {v['same']}/{v['total']} tokens, max |dlogp| {v['max_dlogp']:.4f}"
+                                          for k, v in report[label].items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"agreement": report, "outputs": outputs}, indent=2))
     return 0
