@@ -75,8 +75,37 @@ def run_trajectory(url: str, seed: int, steps: list, roles: bool, vocab: int, ou
     out[seed] = {"tokens": len(traj), "ttft_sum_s": ttft, "cached": cached, "prompt": prompt}
 
 
+def server_state(url: str) -> dict:
+    """Our statistics of the server's (first) scheduler: /server_info's `lragent` entry."""
+    return requests.get(url + "/server_info", timeout=60).json()["internal_states"][0].get("lragent", {})
+
+
+def prefill_writes(state: dict) -> tuple[int, int]:
+    """(KV slots, LR rows) all prefills so far wrote: every computed token gets an LR row,
+    and a KV slot unless it was an LR re-prefill (whose K / V_base stay the cached ones)."""
+    per = state.get("per_adapter", {}).values()
+    computed = sum(c["computed_tokens"] for c in per)
+    return computed - sum(c["lr_reprefill_tokens"] for c in per), computed
+
+
+def bytes_per_token(state: dict, part: str) -> float:
+    held = state.get(part, {})
+    return held.get("bytes", 0) / held["tokens"] if held.get("tokens") else 0.0
+
+
+def kv_bytes_written(before: dict, after: dict, decode_tokens: int) -> float:
+    """Bytes of base KV and LR rows the run wrote, prefill and decode: what it cost to store,
+    even where the pool evicted it again (the bytes held at the end cannot show that)."""
+    kv0, lr0 = prefill_writes(before)
+    kv1, lr1 = prefill_writes(after)
+    lr_bpt = bytes_per_token(after, "lr")
+    return ((kv1 - kv0 + decode_tokens) * bytes_per_token(after, "base")
+            + (lr1 - lr0 + decode_tokens) * lr_bpt)
+
+
 def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, label: str) -> dict:
     results: dict[int, dict] = {}
+    before = server_state(url)
     bar = tqdm(total=len(steps) * in_flight, desc=label, leave=False)
     start = time.perf_counter()
     threads = [threading.Thread(target=run_trajectory, args=(url, 1000 + i, steps, roles, vocab, results, bar))
@@ -89,8 +118,9 @@ def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, l
     bar.close()
     if len(results) != in_flight:
         raise RuntimeError(f"{label}: {in_flight - len(results)} trajectories failed")
-    info = requests.get(url + "/server_info", timeout=60).json()["internal_states"][0].get("lragent", {})
+    info = server_state(url)
     kv_bytes = info.get("base", {}).get("bytes", 0) + info.get("lr", {}).get("bytes", 0)
+    decode_tokens = in_flight * sum(n_gen - 1 for _, _, n_gen in steps)
     tokens = sum(r["tokens"] for r in results.values())
     return {
         "throughput_tok_s": tokens / wall,
@@ -98,6 +128,7 @@ def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, l
         "ttft_sum_s": sum(r["ttft_sum_s"] for r in results.values()) / in_flight,
         "cached_fraction": sum(r["cached"] for r in results.values()) / sum(r["prompt"] for r in results.values()),
         "kv_bytes_per_trajectory": kv_bytes / in_flight,
+        "kv_bytes_written_per_trajectory": kv_bytes_written(before, info, decode_tokens) / in_flight,
     }
 
 
@@ -135,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("%s: %s", label, table[label])
     ref = table.get("non-shared")
     print(f"\ntrace L={args.context} ({912 + 4 * args.context} tokens), {args.in_flight} in flight")
-    print(f"{'run':16s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} {'KV MB/traj':>10s}")
+    print(f"{'run':20s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} "
+          f"{'KV MiB held/traj':>16s} {'KV MiB written/traj':>19s}")
     for label, r in table.items():
         ratio = r["throughput_tok_s"] / ref["throughput_tok_s"] if ref else float("nan")
-        print(f"{label:16s} {r['throughput_tok_s']:9.0f} {ratio:8.2f} {r['ttft_sum_s']:10.2f} "
-              f"{r['cached_fraction']:7.2f} {r['kv_bytes_per_trajectory'] / 2**20:10.1f}")
+        print(f"{label:20s} {r['throughput_tok_s']:9.0f} {ratio:8.2f} {r['ttft_sum_s']:10.2f} "
+              f"{r['cached_fraction']:7.2f} {r['kv_bytes_per_trajectory'] / 2**20:16.1f} "
+              f"{r['kv_bytes_written_per_trajectory'] / 2**20:19.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"context": args.context, "in_flight": args.in_flight, "runs": table}, indent=2))
     return 0
