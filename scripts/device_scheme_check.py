@@ -107,7 +107,7 @@ def main() -> int:
             outputs[label] = {role: [out for (r, _), out in zip(jobs, results) if r == role] for role in prompts}
     report = {}
     for label, outs in outputs.items():
-        refs = [r for r in (STOCK[CONFIGS[label][0]], f"{label} eager") if r in outputs]
+        refs = [r for r in (STOCK[CONFIGS[label][0]], f"{label} eager") if r in outputs and r != label]
         report[label] = {f"vs {ref}": agreement(outs, outputs[ref]) for ref in refs}
         print(f"{label:22s} " + "  ".join(f"{k}: {v['same']}/{v['total']} tokens, max |dlogp| {v['max_dlogp']:.4f}"
                                           for k, v in report[label].items()))
