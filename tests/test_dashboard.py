@@ -270,6 +270,12 @@ def test_metrics_are_forwarded_with_their_content_type(twenty_adapters):
     assert "sglang:num_running_reqs" in resp.text
 
 
+def test_upstream_errors_are_forwarded_as_such(stock_metrics_off):
+    """A server without --enable-metrics: the page must see its 404, not a proxy error."""
+    base = stock_metrics_off.rsplit(dashboard.ROUTE, 1)[0]
+    assert requests.get(base + "/metrics", timeout=10).status_code == 404
+
+
 @pytest.mark.slow
 def test_twenty_adapters_top_n_and_others(twenty_adapters):
     ready, summary = page_state(twenty_adapters, "dashboard-20-adapters.png", samples_at_least(6))
