@@ -34,7 +34,7 @@ from lragent_sglang.adapter_check import (
     lora_matrices,
     read_adapter,
 )
-from lragent_sglang.config import DEFAULT_SCHEME, SCHEMES
+from lragent_sglang.config import DEFAULT_LR_BASIS, DEFAULT_SCHEME, LR_BASES, SCHEMES, check_lr_basis
 from lragent_sglang.joint_basis import DEFAULT_RTOL, joint_rank, singular_values, truncation
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class Verdict:
 
 def check_adapters(
     adapters: list[tuple[str, str | Path]], model_path: Path, scheme: str,
-    max_lora_rank: int | None = None, progress: bool = True,
+    max_lora_rank: int | None = None, progress: bool = True, lr_basis: str = DEFAULT_LR_BASIS,
 ) -> list[Verdict]:
     """One verdict per adapter: what the launcher checks plus config and tensor shapes.
     Under base-lr-shared every adapter's v_proj A is compared with the first adapter that
@@ -175,7 +175,7 @@ def check_adapters(
         try:
             info = read_adapter(name, path, model_path)
             check_config(info)
-            check_for_scheme([info], scheme, max_lora_rank)
+            check_for_scheme([info], scheme, max_lora_rank, lr_basis)
             notes = check_weights(info, model_path)
         except AdapterError as exc:
             verdicts[name] = Verdict(name, False, str(exc))
@@ -187,7 +187,7 @@ def check_adapters(
         ref = passed[0]
         for info in passed[1:]:
             try:
-                check_for_scheme([ref, info], scheme, None)
+                check_for_scheme([ref, info], scheme, None, lr_basis)
             except AdapterError as exc:
                 verdicts[info.name] = Verdict(info.name, False, str(exc))
     return [verdicts[name] for name, _ in adapters]
@@ -199,12 +199,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise AdapterError(f"adapter names must be distinct, got {names}")
     model = _model_path(args.model_path)
-    verdicts = check_adapters(adapters, model, args.scheme, args.max_lora_rank, progress=not args.no_progress)
+    lr_basis = check_lr_basis(args.lr_basis, args.scheme)
+    verdicts = check_adapters(adapters, model, args.scheme, args.max_lora_rank, progress=not args.no_progress,
+                              lr_basis=lr_basis)
     width = max(len(v.name) for v in verdicts)
     for v in verdicts:
         print(f"{v.name:<{width}}  {'OK' if v.ok else 'REFUSED'}: {v.detail}")
     refused = sum(not v.ok for v in verdicts)
-    print(f"# scheme {args.scheme}, model {model}: "
+    print(f"# scheme {args.scheme} (lr basis {lr_basis}), model {model}: "
           + (f"all {len(verdicts)} adapters OK" if not refused else f"{refused} of {len(verdicts)} refused"))
     return 1 if refused else 0
 
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model-path", type=Path, help=model_help)
     check.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME, help="(default: %(default)s)")
     check.add_argument("--max-lora-rank", type=int, help="the server's --max-lora-rank")
+    check.add_argument("--lr-basis", choices=LR_BASES, default=DEFAULT_LR_BASIS,
+                       help="the server's --lragent-lr-basis (base-lr-shared; default: %(default)s)")
     check.set_defaults(func=cmd_check)
     return parser
 

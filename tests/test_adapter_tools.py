@@ -238,6 +238,9 @@ def test_check_refuses_independent_a_under_base_lr_shared(smollm2, role_adapters
                for n in ("action", "reflect"))
     rc, _ = _check(capsys, role_adapters, "--model-path", str(smollm2), "--scheme", "base-shared")
     assert rc == 0
+    rc, verdicts = _check(capsys, role_adapters, "--model-path", str(smollm2), "--scheme", "base-lr-shared",
+                          "--lr-basis", "joint")
+    assert rc == 0 and all(v.startswith("OK") for v in verdicts.values())
 
 
 def _copy_adapter(src: Path, dst: Path, **config: object) -> Path:
@@ -276,6 +279,9 @@ def test_check_usage_errors_exit_2(smollm2, shared_a_adapters, capsys):
     p = shared_a_adapters["plan"]
     assert main(["--no-progress", "check", f"a={p}", f"a={p}", "--model-path", str(smollm2)]) == 2
     assert "distinct" in capsys.readouterr().err
+    assert main(["--no-progress", "check", f"a={p}", "--model-path", str(smollm2), "--scheme", "base-shared",
+                 "--lr-basis", "joint"]) == 2
+    assert "needs --lragent-scheme base-lr-shared" in capsys.readouterr().err
     rc, verdicts = _check(capsys, {"gone": p.parent / "gone"}, "--model-path", str(smollm2))
     assert rc == 1 and "does not exist" in verdicts["gone"]
 
