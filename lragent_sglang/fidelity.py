@@ -355,3 +355,18 @@ class ChatFrame:
             return list(tokenizer(s, add_special_tokens=False)["input_ids"])
 
         return cls(enc(head), enc(generation_prompt), enc(next_user))
+
+
+def paired_ratio_ci(num: Sequence[float], den: Sequence[float], n_boot: int = 2000, level: float = 0.9,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """sum(num) / sum(den) and a paired bootstrap interval over items (steps): two runs
+    scored at the same positions are compared step by step, so the interval reflects
+    which steps the episodes happened to contain, not noise the pairing removes."""
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"need two equal, non-empty sequences, got {a.shape} and {b.shape}")
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
+    sums_b = b[idx].sum(axis=1)
+    ratios = np.where(sums_b > 0, a[idx].sum(axis=1) / np.where(sums_b > 0, sums_b, 1.0), np.inf)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(a.sum() / b.sum()) if b.sum() > 0 else float("inf"), float(lo), float(hi)

@@ -55,6 +55,7 @@ from lragent_sglang.fidelity import (
     cross_role_similarity,
     force_shared_a,
     kl_per_position,
+    paired_ratio_ci,
     prefix_agreement,
     summarize_similarity,
     top1_agreement,
@@ -82,7 +83,7 @@ PLAN = "Planner, write a short plan."
 ACT = "Actor, carry out the next step of the plan."
 REFLECT = "Reflector, is the answer right? Say why in one sentence."
 ROLES = ("plan", "action", "reflect")
-TRUNCATED_K = 20  # the top-k cut whose KL error the report measures
+TRUNCATED_KS = (20, 100, 1000)  # top-k cuts whose KL error the report measures
 
 
 @dataclass(frozen=True)
@@ -143,16 +144,19 @@ def generate(url: str, ids: list[int], role: str | None, max_new: int) -> dict[s
     return _post(url, payload)
 
 
-def score(url: str, prompt: list[int], continuation: list[int], role: str, top_k: int) -> TopLogprobs:
+def score(url: str, prompt: list[int], continuation: list[int], role: str | None, top_k: int) -> TopLogprobs:
     """Next-token distributions at every token of `continuation` after `prompt`, teacher
     forced. Logprobs start at the last prompt token, which also caps the cached prefix
     there, so the role computes that token and the continuation itself, as when decoding."""
-    out = _post(url, {
-        "input_ids": prompt + continuation, "lora_path": role, "return_logprob": True,
+    payload: dict[str, Any] = {
+        "input_ids": prompt + continuation, "return_logprob": True,
         "logprob_start_len": len(prompt) - 1, "top_logprobs_num": top_k,
         "return_flat_raw_top_logprobs": True, "return_flat_raw_top_logprobs_b64": True,
         "sampling_params": {"max_new_tokens": 0, "temperature": 0},
-    })
+    }
+    if role:
+        payload["lora_path"] = role
+    out = _post(url, payload)
     top = top_logprobs_from_meta(out["meta_info"])
     if len(top) != len(continuation):
         raise RuntimeError(f"expected {len(continuation)} scored positions, got {len(top)}")
@@ -218,6 +222,25 @@ def episode_requests(ep: Episode, frame: ChatFrame, tok: Any, toolbox: Toolbox,
         user = f"Tool output: {tool_output(toolbox, text, ep.question)}\n" if role == "action" else ""
 
 
+@dataclass
+class Context:
+    """What every run needs: the model, the episodes and how to replay them."""
+
+    model_path: str
+    sets: dict[str, dict[str, Path]]
+    episodes: list[Episode]
+    frame: ChatFrame
+    tok: Any
+    vocab: int
+    top_k: int
+    max_new: int
+    writer: str
+    server_flags: list[str]
+    work_dir: Path
+    adapter_scale: bool = True  # references also score without adapter: the scale of an adapter's effect
+    toolbox: Toolbox = field(default_factory=Toolbox)
+
+
 Reference = dict[tuple[int, int], tuple[list[int], dict | None]]
 
 
@@ -228,32 +251,42 @@ class RunOutput:
     trajectories: list[list[int]]  # per episode: the last prompt and the generation after it
 
 
-def run_episodes(url: str, episodes: list[Episode], frame: ChatFrame, tok: Any, toolbox: Toolbox,
-                 reference: Reference | None, max_new: int, top_k: int, writer: str, label: str) -> RunOutput:
+def adapter_effect(url: str, ctx: Context, prompt: list[int], gen: list[int], scored: TopLogprobs) -> dict[str, float]:
+    """KL(role || the same model without adapter) on the role's own generation: how far
+    the adapter moves the distributions, the scale a sharing error is small against."""
+    base = score(url, prompt, gen, None, ctx.top_k)
+    return {"adapter_kl_sum": float(kl_per_position(scored, base, ctx.vocab).sum()),
+            "adapter_top1_sum": float(top1_agreement(scored, base).sum()), "adapter_positions": len(gen)}
+
+
+def run_episodes(url: str, ctx: Context, reference: Reference | None, label: str) -> RunOutput:
     """All episodes, one request at a time, in the order of the agent loop. Without
     `reference` this run is the reference: its own generations continue the trajectory."""
     ref: Reference = {} if reference is None else reference
     trie = WriterTrie()
     out = RunOutput([], ref, [])
-    bar = tqdm(total=sum(len(e.steps) for e in episodes), desc=label, leave=False)
-    for e, ep in enumerate(episodes):
+    bar = tqdm(total=sum(len(e.steps) for e in ctx.episodes), desc=label, leave=False)
+    for e, ep in enumerate(ctx.episodes):
         continued: list[tuple[list[int], dict | None]] = []
-        for s, (role, prompt) in enumerate(episode_requests(ep, frame, tok, toolbox, continued)):
-            if writer == "commit":
+        for s, (role, prompt) in enumerate(episode_requests(ep, ctx.frame, ctx.tok, ctx.toolbox, continued)):
+            if ctx.writer == "commit":
                 generate(url, prompt, None, 0)
                 trie.insert(prompt, None)
             offered = trie.writers(prompt)[: len(prompt) - 1]
-            answer = generate(url, prompt, role, max_new)
+            answer = generate(url, prompt, role, ctx.max_new)
             gen = list(answer["output_ids"])
             trie.insert(prompt + gen, role)
             if reference is None:
                 ref[(e, s)] = (gen, answer["meta_info"].get("finish_reason"))
             ref_gen = ref[(e, s)][0]
-            scored = score(url, prompt, ref_gen, role, top_k) if ref_gen else None
+            scored = score(url, prompt, ref_gen, role, ctx.top_k) if ref_gen else None
             trie.insert(prompt + ref_gen, role)
             continued.append(ref[(e, s)])
-            out.steps.append(StepResult(e, s, role, len(prompt), answer["meta_info"]["cached_tokens"],
-                                        len(offered), sum(w != role for w in offered), gen, scored))
+            step = StepResult(e, s, role, len(prompt), answer["meta_info"]["cached_tokens"],
+                              len(offered), sum(w != role for w in offered), gen, scored)
+            if reference is None and ctx.adapter_scale and scored is not None:
+                step.metrics = adapter_effect(url, ctx, prompt, ref_gen, scored)
+            out.steps.append(step)
             bar.update(1)
         out.trajectories.append(prompt + ref_gen)
     bar.close()
@@ -273,9 +306,10 @@ def compare(ref: list[StepResult], run: list[StepResult], vocab: int) -> None:
             continue
         kl = kl_per_position(a.scored, b.scored, vocab)
         b.metrics.update(kl_sum=float(kl.sum()), positions=len(kl), top1_sum=float(top1_agreement(a.scored, b.scored).sum()))
-        if a.scored.k > TRUNCATED_K:
-            b.metrics["kl_trunc_sum"] = float(kl_per_position(a.scored.truncate(TRUNCATED_K),
-                                                              b.scored.truncate(TRUNCATED_K), vocab).sum())
+        for k in TRUNCATED_KS:
+            if a.scored.k > k:
+                trunc = kl_per_position(a.scored.truncate(k), b.scored.truncate(k), vocab)
+                b.metrics[f"kl_top{k}_sum"] = float(trunc.sum())
         b.metrics["kl_max"] = float(kl.max())
 
 
@@ -299,27 +333,41 @@ def aggregate(steps: list[StepResult], role: str | None = None) -> dict[str, flo
         "kl_mean": sum(x.get("kl_sum", 0.0) for x in m) / max(pos, 1),
         "kl_max": max((x.get("kl_max", 0.0) for x in m), default=0.0),
         "top1_agreement": sum(x.get("top1_sum", 0.0) for x in m) / max(pos, 1),
-        "gen_exact": float(np.mean([x["gen_exact"] for x in m])) if m and m[0] else float("nan"),
-        "gen_prefix": float(np.mean([x["gen_prefix"] for x in m])) if m and m[0] else float("nan"),
+        "gen_exact": float(np.mean([x["gen_exact"] for x in m])) if m and "gen_exact" in m[0] else float("nan"),
+        "gen_prefix": float(np.mean([x["gen_prefix"] for x in m])) if m and "gen_prefix" in m[0] else float("nan"),
         "prompt_tokens": sum(s.prompt_tokens for s in sel),
         "cached_tokens": sum(s.cached_tokens for s in sel),
         "offered_tokens": sum(s.offered_tokens for s in sel),
         "cross_tokens": sum(s.cross_tokens for s in sel),
     }
-    if any("kl_trunc_sum" in x for x in m):
-        out[f"kl_mean_top{TRUNCATED_K}"] = sum(x.get("kl_trunc_sum", 0.0) for x in m) / max(pos, 1)
+    adapter_pos = sum(x.get("adapter_positions", 0) for x in m)
+    if adapter_pos:
+        out["adapter_kl_mean"] = sum(x["adapter_kl_sum"] for x in m if "adapter_kl_sum" in x) / adapter_pos
+        out["adapter_top1_agreement"] = sum(x["adapter_top1_sum"] for x in m if "adapter_top1_sum" in x) / adapter_pos
+    for k in TRUNCATED_KS:
+        if any(f"kl_top{k}_sum" in x for x in m):
+            out[f"kl_mean_top{k}"] = sum(x.get(f"kl_top{k}_sum", 0.0) for x in m) / max(pos, 1)
     return out
 
 
 # ---------------------------------------------------------------- adapters and check
 
 
-def check_refusal(adapters: dict[str, Path], model_path: str, scheme: str) -> dict[str, Any]:
-    """`lragent-adapters check` under `scheme`: exit code and its report."""
+CHECKS = (  # (adapter set, --lr-basis): base-lr-shared must refuse independent A unless the basis is joint
+    ("independent", "shared-a"),
+    ("independent", "joint"),
+    ("forced-a", "shared-a"),
+)
+
+
+def check_verdict(adapters: dict[str, Path], model_path: str, lr_basis: str) -> dict[str, Any]:
+    """`lragent-adapters check` under base-lr-shared: exit code and its report."""
     cmd = [sys.executable, "-m", "lragent_sglang.adapter_tools", "--no-progress", "check",
-           *[f"{n}={p}" for n, p in adapters.items()], "--model-path", model_path, "--scheme", scheme]
+           *[f"{n}={p}" for n, p in adapters.items()], "--model-path", model_path,
+           "--scheme", "base-lr-shared", "--lr-basis", lr_basis]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    return {"scheme": scheme, "exit_code": proc.returncode, "output": (proc.stdout + proc.stderr).strip()}
+    return {"scheme": "base-lr-shared", "lr_basis": lr_basis, "exit_code": proc.returncode,
+            "output": (proc.stdout + proc.stderr).strip()}
 
 
 def parse_set(pairs: list[str] | None) -> dict[str, Path] | None:
@@ -363,6 +411,27 @@ def server_totals(stats: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+def ratios_to_base_shared(report: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """Each compared run's KL over the base-shared run with the same reference (the
+    targets are stated relative to base-shared), with a paired bootstrap interval."""
+    runs = {k: r for k, r in report["runs"].items() if "error" not in r and r.get("reference")}
+    out = {}
+    for label, r in runs.items():
+        base = next((b for b in runs.values() if b["scheme"] == "base-shared" and b["reference"] == r["reference"]
+                     and b["adapters"] == base_adapters(r["reference"])), None)
+        if base is None or base is r:
+            continue
+        pairs = [(x["metrics"]["kl_sum"], y["metrics"]["kl_sum"]) for x, y in zip(r["steps"], base["steps"])
+                 if "kl_sum" in x["metrics"] and "kl_sum" in y["metrics"]]
+        if pairs and sum(y for _, y in pairs) > 0:
+            out[label] = paired_ratio_ci([x for x, _ in pairs], [y for _, y in pairs])
+    return out
+
+
+def base_adapters(reference_label: str) -> str:
+    return reference_label.split("/", 1)[0]
+
+
 def print_report(report: dict[str, Any]) -> None:
     runs = {k: r for k, r in report["runs"].items() if "error" not in r}
     print("\n### Fidelity against non-shared (teacher-forced on the reference's generations)\n")
@@ -379,6 +448,20 @@ def print_report(report: dict[str, Any]) -> None:
     for label, r in report["runs"].items():
         if "error" in r:
             print(f"\n{label} ({r['scheme']}) did not run: {r['error']}")
+    scale = [(label, r["all"]) for label, r in runs.items() if "adapter_kl_mean" in r["all"]]
+    if scale:
+        print("\n### Scale: what the adapters themselves change (reference runs, KL(role || no adapter))\n")
+        print("| reference | KL mean (nats) | top-1 agree with the base model |")
+        print("|---|---|---|")
+        for label, a in scale:
+            print(f"| {label} | {a['adapter_kl_mean']:.2e} | {a['adapter_top1_agreement']:.4f} |")
+    ratios = ratios_to_base_shared(report)
+    if ratios:
+        print("\n### KL relative to base-shared on the same reference (paired bootstrap over steps, 90%)\n")
+        print("| run | KL / base-shared KL | interval |")
+        print("|---|---|---|")
+        for label, (ratio, lo, hi) in ratios.items():
+            print(f"| {label} | {ratio:.2f}x | {lo:.2f}x - {hi:.2f}x |")
     print("\n### KL per role (nats)\n")
     print("| run | " + " | ".join(ROLES) + " |")
     print("|---|" + "---|" * len(ROLES))
@@ -393,15 +476,16 @@ def print_report(report: dict[str, Any]) -> None:
         a, t = r["all"], server_totals(r["server_stats"])
         print(f"| {label} | {a['prompt_tokens']} | {a['cached_tokens']} | {a['offered_tokens']} | {a['cross_tokens']} | "
               f"{t['base_hit_tokens']} | {t['lr_hit_tokens']} | {t['lr_reprefill_tokens']} | {t['evicted_tokens']} |")
-    trunc = [(label, r["all"]) for label, r in runs.items() if f"kl_mean_top{TRUNCATED_K}" in r["all"]]
+    trunc = [(label, r["all"]) for label, r in runs.items() if any(k.startswith("kl_mean_top") for k in r["all"])]
     if trunc:
-        print(f"\n### KL from the top-{TRUNCATED_K} logprobs only (coarsened, a lower bound) vs exact\n")
-        print(f"| run | exact | top-{TRUNCATED_K} | relative error |")
-        print("|---|---|---|---|")
+        ks = [k for k in TRUNCATED_KS if any(f"kl_mean_top{k}" in a for _, a in trunc)]
+        print("\n### KL from the top-k logprobs only (coarsened, a lower bound): shortfall against the exact KL\n")
+        print("| run | exact | " + " | ".join(f"top-{k}" for k in ks) + " |")
+        print("|---|---|" + "---|" * len(ks))
         for label, a in trunc:
-            t = a[f"kl_mean_top{TRUNCATED_K}"]
-            rel = (a["kl_mean"] - t) / a["kl_mean"] if a["kl_mean"] else 0.0
-            print(f"| {label} | {a['kl_mean']:.3e} | {t:.3e} | {rel:.2%} |")
+            cells = [fmt((a["kl_mean"] - a[f"kl_mean_top{k}"]) / a["kl_mean"] if a["kl_mean"] else 0.0, ".1%")
+                     if f"kl_mean_top{k}" in a else "-" for k in ks]
+            print(f"| {label} | {a['kl_mean']:.3e} | " + " | ".join(cells) + " |")
     if report.get("table1"):
         print("\n### Table 1 on our model: mean cosine across roles (mean over layers)\n")
         print("| adapters | keys | base values x W_v | adapter outputs x A_v B_v | values | LR rows x A_v | "
@@ -413,7 +497,7 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{fmt(m['adapter_out_cos'], '.4f')} | {fmt(m['value_cos'], '.4f')} | {fmt(m['lr_cos'], '.4f')} | "
                   f"{fmt(m['norm_ratio'], '.1f')} |")
     for name, c in report.get("checks", {}).items():
-        print(f"\n`lragent-adapters check` ({name}) under {c['scheme']}: exit {c['exit_code']}\n```\n{c['output']}\n```")
+        print(f"\n`lragent-adapters check` {name} under {c['scheme']}: exit {c['exit_code']}\n```\n{c['output']}\n```")
 
 
 # ---------------------------------------------------------------- main
@@ -464,10 +548,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--writer", choices=("agent", "commit"), default="agent",
                    help="who first writes each step's new tokens: the step's role, or a no-adapter commit")
     p.add_argument("--skip-table1", action="store_true")
+    p.add_argument("--no-adapter-scale", action="store_true",
+                   help="do not score the references without adapter (the KL(role || base model) scale)")
     p.add_argument("--device", help="device for Table 1 (default: cuda if available)")
     p.add_argument("--work-dir", type=Path, default=ROOT / "artifacts" / "fidelity",
                    help="server logs and the forced-A adapters")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "fidelity.json")
+    p.add_argument("--report", type=Path, help="only print the tables of this JSON (an earlier run's --out)")
     p.add_argument("server_flags", nargs=argparse.REMAINDER, help="after --: extra SGLang flags")
     return p.parse_args(argv)
 
@@ -484,31 +571,12 @@ def base_set(spec: RunSpec) -> str:
     return "independent" if spec.adapters == "forced-a" else spec.adapters
 
 
-@dataclass
-class Context:
-    """What every run needs: the model, the episodes and how to replay them."""
-
-    model_path: str
-    sets: dict[str, dict[str, Path]]
-    episodes: list[Episode]
-    frame: ChatFrame
-    tok: Any
-    vocab: int
-    top_k: int
-    max_new: int
-    writer: str
-    server_flags: list[str]
-    work_dir: Path
-    toolbox: Toolbox = field(default_factory=Toolbox)
-
-
 def run_one(ctx: Context, spec: RunSpec, reference: Reference | None) -> tuple[RunOutput, dict[str, Any]]:
     """One server, all episodes; the output and the server's statistics."""
     log = ctx.work_dir / (spec.label.replace("/", "_") + ".log")
     flags = server_args(ctx.model_path, ctx.sets[spec.adapters], spec, ctx.server_flags)
     with ServerProcess(flags, log_path=log) as srv:
-        run = run_episodes(srv.url, ctx.episodes, ctx.frame, ctx.tok, ctx.toolbox, reference,
-                           ctx.max_new, ctx.top_k, ctx.writer, spec.label)
+        run = run_episodes(srv.url, ctx, reference, spec.label)
         return run, lragent_stats(srv.url)
 
 
@@ -544,6 +612,9 @@ def run_all(ctx: Context, specs: list[RunSpec], report: dict[str, Any], out: Pat
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.report:
+        print_report(json.loads(args.report.read_text()))
+        return 0
     from transformers import AutoConfig, AutoTokenizer
 
     if args.model_path is None:
@@ -562,15 +633,16 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(args.model_path, sets, [Episode(q, list(ROLES) * args.rounds) for q in QUESTIONS[: args.episodes]],
                   ChatFrame.from_tokenizer(tok, SYSTEM), tok, vocab, args.top_k or vocab, args.max_new_tokens,
-                  args.writer, default_flags([f for f in args.server_flags if f != "--"]), args.work_dir)
+                  args.writer, default_flags([f for f in args.server_flags if f != "--"]), args.work_dir,
+                  adapter_scale=not args.no_adapter_scale)
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "git": git_state(),
         "argv": sys.argv[1:] if argv is None else argv, "model_path": args.model_path, "vocab": vocab,
         "top_k": ctx.top_k, "writer": args.writer, "episodes": len(ctx.episodes), "rounds": args.rounds,
         "max_new_tokens": args.max_new_tokens, "server_flags": ctx.server_flags,
         "adapters": {k: {n: str(p) for n, p in v.items()} for k, v in sets.items()},
-        "checks": {name: check_refusal(sets[name], args.model_path, "base-lr-shared")
-                   for name in ("independent", "forced-a") if name in sets},
+        "checks": {f"{name} --lr-basis {basis}": check_verdict(sets[name], args.model_path, basis)
+                   for name, basis in CHECKS if name in sets},
         "runs": {}, "table1": {},
     }
     done = run_all(ctx, specs, report, args.out)

@@ -294,5 +294,19 @@ def test_script_end_to_end_on_tiny_settings(smollm2, role_adapters, tmp_path):
     assert sum(v["lr_reprefill_tokens"] for v in stats.values()) == run["all"]["cross_tokens"]
     assert run["all"]["kl_mean_own_steps"] < 1e-5
     assert 0.0 <= run["all"]["top1_agreement"] <= 1.0
-    assert report["checks"]["independent"]["exit_code"] == 1  # independent v_proj A: base-lr-shared refuses
+    assert report["checks"]["independent --lr-basis shared-a"]["exit_code"] == 1  # independent v_proj A
+    assert report["checks"]["independent --lr-basis joint"]["exit_code"] == 0
     assert report["table1"]["independent"]["mean"]["key_cos"] > 0.5
+
+
+def test_paired_ratio_ci():
+    from lragent_sglang.fidelity import paired_ratio_ci
+
+    ratio, lo, hi = paired_ratio_ci([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    assert (ratio, lo, hi) == pytest.approx((2.0, 2.0, 2.0))  # a constant ratio has no spread
+    rng = np.random.default_rng(0)
+    den = rng.exponential(size=40)
+    ratio, lo, hi = paired_ratio_ci(den * rng.uniform(0.5, 1.5, size=40), den)
+    assert lo < ratio < hi and lo < 1.0 < hi
+    with pytest.raises(ValueError):
+        paired_ratio_ci([1.0], [1.0, 2.0])
