@@ -70,11 +70,17 @@ class DevTools:
                 return msg["result"]
 
     async def state(self) -> tuple[str, dict[str, Any]]:
-        """(body's data-ready, the page's JSON summary)."""
-        js = "JSON.stringify([document.body.dataset.ready, document.getElementById('lragent-summary').textContent])"
-        res = await self.call("Runtime.evaluate", expression=js, returnByValue=True)
-        ready, summary = json.loads(res["result"]["value"])
+        """(body's data-ready, the page's JSON summary); ("0", {}) while a busy server has
+        not delivered the page yet."""
+        res = await self.call("Runtime.evaluate", expression=STATE_JS, returnByValue=True)
+        ready, summary = json.loads(res["result"].get("value", '["0", "{}"]'))
         return ready, json.loads(summary)
+
+
+STATE_JS = """JSON.stringify([
+  (document.body && document.body.dataset.ready) || "0",
+  (document.getElementById("lragent-summary") || {}).textContent || "{}",
+])"""
 
 
 def devtools_port(log: Path, proc: subprocess.Popen, timeout: float = 60) -> int:
@@ -420,7 +426,7 @@ def role_lines_seen(seen: set[str]) -> Callable[[str, dict[str, Any]], bool]:
     def done(ready: str, summary: dict[str, Any]) -> bool:
         lines = summary.get("latest", {}).get("lr_hit_rate", {})
         seen.update(r for r in ROLES if (lines.get(r) or 0) > 0)
-        return ready == "1" and summary["samples"] >= 4 and summary["sglang"] == "on" and seen >= set(ROLES)
+        return ready == "1" and summary.get("samples", 0) >= 4 and summary.get("sglang") == "on" and seen >= set(ROLES)
 
     return done
 
