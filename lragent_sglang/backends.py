@@ -80,13 +80,12 @@ def add_lr_bytes(cell_size: int, configurator: Any, kvc: Any, num_layers: int) -
 def register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from lragent_sglang import lora_split, metrics, schedule_hooks, stats
+    from lragent_sglang import lora_split, schedule_hooks, stats
 
     schedule_hooks.register_hooks()
     stats.register_hooks()
     if scheme_from_env() in BASE_SHARING:
         lora_split.register_hooks()
-        metrics.register_hooks()
         HookRegistry.register(
             "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
             add_lr_bytes, HookType.AFTER,
