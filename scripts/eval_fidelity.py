@@ -17,8 +17,9 @@ server's cached tokens and eviction counters.
 Adapter sets: `independent` (trained separately; runs: non-shared (reference),
 full-shared, base-shared, base-lr-shared with `--lragent-lr-basis joint`), `forced-a`
 (the independent set with every v_proj A replaced by the first's: what base-lr-shared
-would serve if it took independent adapters; compared against the independent
-non-shared run; `lragent-adapters check` must refuse the independent set) and `shared-a`
+would serve if it took independent adapters; runs: base-lr-shared, and non-shared to
+separate the A swap from the sharing; both compared against the independent non-shared
+run; `lragent-adapters check` must refuse the independent set) and `shared-a`
 (trained with `train --shared-a`; runs: non-shared (reference), full-shared, base-shared,
 base-lr-shared). Table 1 runs in-process with HF transformers + PEFT.
 
