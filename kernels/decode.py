@@ -2,9 +2,11 @@
 
     O = softmax(q K^T * scale) (V_base + L B) = P V_base + (P L) B
 
-Stage 1 (``_decode_split_kernel``): grid ``(batch, head blocks, splits)``. A program takes
+Stage 1 (``_decode_split_kernel``): grid ``(head blocks, batch, splits)``. A program takes
 one request, the query heads of one kv-head (all of the GQA group, up to ``BLOCK_H``), and
-one contiguous chunk of the request's tokens. It streams K, V_base and L once through an
+one contiguous chunk of the request's tokens. Head blocks vary fastest, so the programs of
+all kv heads of one (request, split) run side by side and read its ``kv_indices``,
+``lr_indices`` and L rows (shared by all heads) from DRAM once and from L2 after that. It streams K, V_base and L once through an
 online softmax with two accumulators, ``acc = P V_base`` ``[BLOCK_H, D]`` and
 ``acc_lr = P L`` ``[BLOCK_H, R_pad]``, and writes both (normalised) plus the split's LSE
 to the workspace.
@@ -92,8 +94,8 @@ def _decode_split_kernel(
     RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LR_ALIGN: tl.constexpr,
     HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    head_blk = tl.program_id(1)
+    head_blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
 
     blocks_per_kv: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
@@ -108,6 +110,9 @@ def _decode_split_kernel(
 
     offs_d = tl.arange(0, HEAD_DIM)
     offs_r = tl.arange(0, BLOCK_R)
+    # L tiles are BLOCK_R wide; the padding columns re-read the row's own values instead of
+    # being masked (row-only masks keep the gathers vectorised) and meet B's zero rows.
+    lr_cols = offs_r % RANK
     # Padded head rows load q = 0: their scores stay finite and they are never stored.
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None], other=0.0)
@@ -146,8 +151,7 @@ def _decode_split_kernel(
             mask_lr = mask_n & use_lr
             lr_slot = tl.load(lr_indices + kv_start + offs_n, mask=mask_lr, other=0).to(tl.int64)
             lr_row = tl.multiple_of(lr_slot * stride_lt, LR_ALIGN)
-            lr = tl.load(L + lr_row[:, None] + offs_r[None, :],
-                         mask=mask_lr[:, None] & (offs_r[None, :] < RANK), other=0.0)
+            lr = tl.load(L + lr_row[:, None] + lr_cols[None, :], mask=mask_lr[:, None], other=0.0)
             acc_lr = acc_lr * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
         m_i = m_new
 
@@ -258,7 +262,7 @@ def flash_lora_decode(
         lr_buffer, lr_indices, adapter_ids, mid_lr, b_weights = v_buffer, kv_indices, kv_indptr, mid_o, v_buffer
         lr_strides, ml_strides, b_strides = (0,), (0, 0, 0), (0, 0, 0)
 
-    _decode_split_kernel[(batch, grid_heads, num_splits)](
+    _decode_split_kernel[(grid_heads, batch, num_splits)](
         q, k_buffer, v_buffer, lr_buffer,
         kv_indptr, kv_indices, lr_indices, adapter_ids,
         mid_o, mid_lr, mid_lse,

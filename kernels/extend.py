@@ -41,7 +41,7 @@ class ExtendConfig:
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def default_extend_config(device: torch.device, dtype: torch.dtype) -> ExtendConfig:
@@ -74,6 +74,16 @@ def _attend_tile(q, k, v, lr, mask_s, m_i, l_i, acc, acc_lr,
     if HAS_LR:
         acc_lr = acc_lr * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
     return m_new, l_i, acc, acc_lr
+
+
+@triton.jit
+def _tile_slots(kv_indices, lr_indices, start, offs_n, mask_n, use_lr, HAS_LR: tl.constexpr):
+    """Pool slots (int64) of one prefix tile: K / V_base, and L (0 where masked off)."""
+    slot = tl.load(kv_indices + start + offs_n, mask=mask_n, other=0).to(tl.int64)
+    lr_slot = slot
+    if HAS_LR:
+        lr_slot = tl.load(lr_indices + start + offs_n, mask=mask_n & use_lr, other=0).to(tl.int64)
+    return slot, lr_slot
 
 
 @triton.jit
@@ -115,7 +125,9 @@ def _extend_kernel(
     if HAS_LR:
         adapter = tl.load(adapter_ids + b)
         use_lr = adapter >= 0
-    mask_r = offs_r[None, :] < RANK
+    # L tiles are BLOCK_R wide; the padding columns re-read the row's own values instead of
+    # being masked (row-only masks keep the gathers vectorised) and meet B's zero rows.
+    lr_cols = (offs_r % RANK)[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -124,23 +136,26 @@ def _extend_kernel(
     lr = tl.zeros([BLOCK_N, BLOCK_R], L.dtype.element_ty)  # placeholder when HAS_LR is off
 
     # 1) cached prefix, gathered from the pools (every prefix token precedes every query).
+    #    Each tile's slots are loaded one iteration ahead: Triton's pipeliner does not overlap
+    #    an index load with the gather that depends on it in the same iteration.
+    slot, lr_slot = _tile_slots(kv_indices, lr_indices, pre_start, offs_n, offs_n < pre_len,
+                               use_lr, HAS_LR)
     for start in range(0, pre_len, BLOCK_N):
         pos = start + offs_n
         mask_n = pos < pre_len
-        slot = tl.load(kv_indices + pre_start + pos, mask=mask_n, other=0).to(tl.int64)
+        next_slot, next_lr_slot = _tile_slots(kv_indices, lr_indices, pre_start, pos + BLOCK_N,
+                                             pos + BLOCK_N < pre_len, use_lr, HAS_LR)
         k = tl.load(K + slot[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
                     mask=mask_n[None, :], other=0.0)
         v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                     mask=mask_n[:, None], other=0.0)
         if HAS_LR:
-            mask_lr = mask_n & use_lr
-            lr_slot = tl.load(lr_indices + pre_start + pos, mask=mask_lr, other=0).to(tl.int64)
             lr_row = tl.multiple_of(lr_slot * stride_lt, LR_ALIGN)
-            lr = tl.load(L + lr_row[:, None] + offs_r[None, :],
-                         mask=mask_lr[:, None] & mask_r, other=0.0)
+            lr = tl.load(L + lr_row[:, None] + lr_cols, mask=(mask_n & use_lr)[:, None], other=0.0)
         m_i, l_i, acc, acc_lr = _attend_tile(
             q, k, v, lr, mask_n[None, :], m_i, l_i, acc, acc_lr, pre_scale, post_scale,
             logit_cap, USE_CAP, HAS_LR, True, DOT_PREC)
+        slot, lr_slot = next_slot, next_lr_slot
 
     # 2) new tokens strictly below this block's diagonal: all visible, no mask.
     diag = m_blk * BLOCK_M
@@ -151,8 +166,8 @@ def _extend_kernel(
         v = tl.load(VExt + (qo_start + pos)[:, None] * stride_vet + kv_head * stride_veh
                     + offs_d[None, :])
         if HAS_LR:
-            lr = tl.load(LExt + (qo_start + pos)[:, None] * stride_let + offs_r[None, :],
-                         mask=mask_r & use_lr, other=0.0)
+            lr = tl.load(LExt + (qo_start + pos)[:, None] * stride_let + lr_cols, mask=use_lr,
+                         other=0.0)
         m_i, l_i, acc, acc_lr = _attend_tile(
             q, k, v, lr, None, m_i, l_i, acc, acc_lr, pre_scale, post_scale,
             logit_cap, USE_CAP, HAS_LR, False, DOT_PREC)
@@ -167,8 +182,8 @@ def _extend_kernel(
         v = tl.load(VExt + (qo_start + pos)[:, None] * stride_vet + kv_head * stride_veh
                     + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         if HAS_LR:
-            lr = tl.load(LExt + (qo_start + pos)[:, None] * stride_let + offs_r[None, :],
-                         mask=mask_n[:, None] & mask_r & use_lr, other=0.0)
+            lr = tl.load(LExt + (qo_start + pos)[:, None] * stride_let + lr_cols,
+                         mask=mask_n[:, None] & use_lr, other=0.0)
         causal = (offs_m[:, None] >= pos[None, :]) & mask_n[None, :]
         m_i, l_i, acc, acc_lr = _attend_tile(
             q, k, v, lr, causal, m_i, l_i, acc, acc_lr, pre_scale, post_scale,
