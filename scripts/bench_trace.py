@@ -132,6 +132,11 @@ def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, l
     }
 
 
+def save(out: Path, context: int, in_flight: int, table: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"context": context, "in_flight": in_flight, "runs": table}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", required=True)
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 stream_generate(srv.url, [100, 101, 102], None, 2)  # warm the kernels
                 table[label] = run_scheme(srv.url, steps, args.in_flight, roles, args.vocab, label)
                 logger.info("%s: %s", label, table[label])
+                save(args.out, args.context, args.in_flight, table)  # a cut-off run keeps its rows
     ref = table.get("non-shared")
     print(f"\ntrace L={args.context} ({912 + 4 * args.context} tokens), {args.in_flight} in flight")
     print(f"{'run':20s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} "
@@ -173,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:20s} {r['throughput_tok_s']:9.0f} {ratio:8.2f} {r['ttft_sum_s']:10.2f} "
               f"{r['cached_fraction']:7.2f} {r['kv_bytes_per_trajectory'] / 2**20:16.1f} "
               f"{r['kv_bytes_written_per_trajectory'] / 2**20:19.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"context": args.context, "in_flight": args.in_flight, "runs": table}, indent=2))
     return 0
 
 
