@@ -121,6 +121,15 @@ def count_stock_evict(result: Any, cache: Any, *args: Any, **kwargs: Any) -> Non
         stats.evicted_tokens += result.num_tokens_evicted
 
 
+def reset_stock_stats(result: Any, cache: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER hook of `RadixCache.reset` (`/flush_cache`): the counters start afresh with the
+    cache, as ours do (the Prometheus counters keep counting from the new values)."""
+    stats = cache.__dict__.get("lragent_stats")
+    if stats is not None:
+        stats.adapters.reset()
+        stats.evicted_tokens = 0
+
+
 # ---------------------------------------------------------------- the state
 
 
@@ -205,4 +214,5 @@ def register_hooks() -> None:
         "sglang.srt.mem_cache.radix_cache.RadixCache.match_prefix", count_stock_match, HookType.AFTER
     )
     HookRegistry.register("sglang.srt.mem_cache.radix_cache.RadixCache.evict", count_stock_evict, HookType.AFTER)
+    HookRegistry.register("sglang.srt.mem_cache.radix_cache.RadixCache.reset", reset_stock_stats, HookType.AFTER)
     metrics.register_hooks()

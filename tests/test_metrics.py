@@ -249,6 +249,10 @@ def run_and_compare(smollm2: Any, tmp_path: Any, scheme: str) -> tuple[dict[str,
                 break
             time.sleep(0.5)
         assert view == expected_view(stats), srv.log_tail()
+        requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
+        flushed = requests.get(srv.url + "/lragent/stats", timeout=30).json()["schedulers"][0]
+        assert flushed["per_adapter"] == {} and flushed["base"]["evicted_tokens"] == 0, (
+            f"{scheme}: /flush_cache must start the counters afresh, as it empties the cache: {flushed}")
     return stats, view, scraped
 
 
