@@ -3,12 +3,14 @@ scheme, all in one run (LRAGENT.md, "The emulated trace").
 
 Every trajectory has its own random tokens and runs its 17 steps in order (each prompt is
 the whole trajectory so far plus the new tokens); `--in-flight` trajectories run at once.
+Several `--context` / `--in-flight` values form a grid that every server runs in turn (cache
+flushed before each cell), so one script run with four server starts covers them all.
 Requests go over HTTP with token ids (`--skip-tokenizer-init`), streamed, so TTFT is the
 arrival of the first chunk. The `no-adapters` run is the same server with every request
 sent without an adapter (cache flushed first): the upper bound of sharing. Prints a table, writes JSON.
 
     python scripts/bench_trace.py --model-path M --lora-paths plan=P action=P reflect=P \
-        --context 8192 --in-flight 8 [--schemes non-shared base-lr-shared ...] [--out F]
+        --context 2048 8192 --in-flight 1 8 [--schemes non-shared base-lr-shared ...] [--out F]
 """
 
 from __future__ import annotations
@@ -132,46 +134,15 @@ def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, l
     }
 
 
-def save(out: Path, context: int, in_flight: int, table: dict) -> None:
+def save(out: Path, tables: dict[tuple[int, int], dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"context": context, "in_flight": in_flight, "runs": table}, indent=2))
+    cells = [{"context": c, "in_flight": f, "runs": runs} for (c, f), runs in tables.items()]
+    out.write_text(json.dumps({"cells": cells}, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--lora-paths", nargs="+", required=True, help="plan=DIR action=DIR reflect=DIR")
-    parser.add_argument("--context", type=int, default=2048, help="L, the tool-output length")
-    parser.add_argument("--in-flight", type=int, default=1)
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
-    parser.add_argument("--no-adapter-run", action="store_true", help="also run the trace without adapters")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--out", type=Path, default=Path("artifacts/bench_trace.json"))
-    parser.add_argument("server_flags", nargs=argparse.REMAINDER, help="after --: extra SGLang flags")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    steps = paper_trace(args.context)
-    extra = [f for f in args.server_flags if f != "--"]
-    base = ["--model-path", args.model_path, "--skip-tokenizer-init", "--enable-lora",
-            "--lora-paths", *args.lora_paths, *extra]
-    schemes = list(args.schemes)
-    if args.no_adapter_run and "non-shared" not in schemes:
-        schemes.append("non-shared")
-    table: dict[str, dict] = {}
-    for scheme in schemes:
-        runs = [(scheme, True)] if scheme in args.schemes else []
-        if args.no_adapter_run and scheme in ("non-shared", "base-lr-shared"):
-            # Same server, cache flushed in between: stock kernels, and ours.
-            runs.append(("no-adapters" if scheme == "non-shared" else "no-adapters lragent", False))
-        with ServerProcess([*base, "--lragent-scheme", scheme], log_path=args.out.with_suffix(f".{scheme}.log")) as srv:
-            for label, roles in runs:
-                requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
-                stream_generate(srv.url, [100, 101, 102], None, 2)  # warm the kernels
-                table[label] = run_scheme(srv.url, steps, args.in_flight, roles, args.vocab, label)
-                logger.info("%s: %s", label, table[label])
-                save(args.out, args.context, args.in_flight, table)  # a cut-off run keeps its rows
+def print_table(context: int, in_flight: int, table: dict) -> None:
     ref = table.get("non-shared")
-    print(f"\ntrace L={args.context} ({912 + 4 * args.context} tokens), {args.in_flight} in flight")
+    print(f"\ntrace L={context} ({912 + 4 * context} tokens), {in_flight} in flight")
     print(f"{'run':20s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} "
           f"{'KV MiB held/traj':>16s} {'KV MiB written/traj':>19s}")
     for label, r in table.items():
@@ -179,6 +150,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:20s} {r['throughput_tok_s']:9.0f} {ratio:8.2f} {r['ttft_sum_s']:10.2f} "
               f"{r['cached_fraction']:7.2f} {r['kv_bytes_per_trajectory'] / 2**20:16.1f} "
               f"{r['kv_bytes_written_per_trajectory'] / 2**20:19.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--lora-paths", nargs="+", required=True, help="plan=DIR action=DIR reflect=DIR")
+    parser.add_argument("--context", type=int, nargs="+", default=[2048], help="L, the tool-output length")
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[1])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--no-adapter-run", action="store_true", help="also run the trace without adapters")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--out", type=Path, default=Path("artifacts/bench_trace.json"))
+    parser.add_argument("server_flags", nargs=argparse.REMAINDER, help="after --: extra SGLang flags")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    extra = [f for f in args.server_flags if f != "--"]
+    base = ["--model-path", args.model_path, "--skip-tokenizer-init", "--enable-lora",
+            "--lora-paths", *args.lora_paths, *extra]
+    schemes = list(args.schemes)
+    if args.no_adapter_run and "non-shared" not in schemes:
+        schemes.append("non-shared")
+    cells = [(c, f) for c in args.context for f in args.in_flight]
+    tables: dict[tuple[int, int], dict] = {cell: {} for cell in cells}
+    for scheme in schemes:
+        runs = [(scheme, True)] if scheme in args.schemes else []
+        if args.no_adapter_run and scheme in ("non-shared", "base-lr-shared"):
+            # Same server, cache flushed in between: stock kernels, and ours.
+            runs.append(("no-adapters" if scheme == "non-shared" else "no-adapters lragent", False))
+        with ServerProcess([*base, "--lragent-scheme", scheme], log_path=args.out.with_suffix(f".{scheme}.log")) as srv:
+            for context, in_flight in cells:
+                for label, roles in runs:
+                    requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
+                    stream_generate(srv.url, [100, 101, 102], None, 2)  # warm the kernels
+                    row = run_scheme(srv.url, paper_trace(context), in_flight, roles, args.vocab,
+                                     f"{label} L={context} x{in_flight}")
+                    tables[(context, in_flight)][label] = row
+                    logger.info("%s L=%d x%d: %s", label, context, in_flight, row)
+                    save(args.out, tables)  # a cut-off run keeps its rows
+    for (context, in_flight), table in tables.items():
+        print_table(context, in_flight, table)
     return 0
 
 
