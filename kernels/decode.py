@@ -6,10 +6,10 @@ Stage 1 (``_decode_split_kernel``): grid ``(head blocks, batch, splits)``. A pro
 one request, the query heads of one kv-head (all of the GQA group, up to ``BLOCK_H``), and
 one contiguous chunk of the request's tokens. Head blocks vary fastest, so the programs of
 all kv heads of one (request, split) run side by side and read its ``kv_indices``,
-``lr_indices`` and L rows (shared by all heads) from DRAM once and from L2 after that. It streams K, V_base and L once through an
-online softmax with two accumulators, ``acc = P V_base`` ``[BLOCK_H, D]`` and
-``acc_lr = P L`` ``[BLOCK_H, R_pad]``, and writes both (normalised) plus the split's LSE
-to the workspace.
+``lr_indices`` and L rows (shared by all heads) from DRAM once and from L2 after that.
+It streams K, V_base and L once through an online softmax with two accumulators,
+``acc = P V_base`` ``[BLOCK_H, D]`` and ``acc_lr = P L`` ``[BLOCK_H, R_pad]``, and writes
+both (normalised) plus the split's LSE to the workspace.
 
 Stage 2 (``_decode_combine_kernel``): grid ``(batch, H_q)``. Merges all splits at once
 with their LSE weights and applies the adapter once: ``O = acc + acc_lr @ B``. B is applied
