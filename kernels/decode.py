@@ -42,25 +42,32 @@ from .common import (
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tile sizes and launch options of the split kernel."""
+    """Tile sizes and launch options of the split kernel.
+
+    ``maxnreg`` caps registers per thread: decode is latency-bound, so blocks resident per
+    SM matter more than the deeper register pipelining ptxas would otherwise choose.
+    """
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None
 
 
 def default_decode_config(device: torch.device, dtype: torch.dtype,
                           long_splits: bool = True) -> DecodeConfig:
-    """Tile options measured on an H100 (kernels/NOTES.md): 64-token tiles 3 stages deep for
-    long splits (>= 2k tokens), 32-token tiles 4 deep for short ones (less pipeline fill per
-    split). Small tiles for fp32 (larger ones spill on sm_90) and under the interpreter."""
+    """Tile options measured on an H100 (kernels/NOTES.md, item 6): 64-token tiles 3 stages
+    deep for long splits (>= 4k tokens), 32-token tiles 4 deep for short ones (less pipeline
+    fill per split). Register caps keep the LR build at the LR-off build's blocks per SM
+    (uncapped, ptxas spends 166 registers on the LR build's register pipeline against 122).
+    Small tiles for fp32 (larger ones spill on sm_90) and under the interpreter."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
     if long_splits:
-        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
-    return DecodeConfig(block_n=32, num_warps=4, num_stages=4)
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3, maxnreg=104)
+    return DecodeConfig(block_n=32, num_warps=4, num_stages=4, maxnreg=96)
 
 
 def head_block(group: int) -> int:
@@ -276,7 +283,7 @@ def flash_lora_decode(
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=block_r,
         BLOCK_N=cfg.block_n, LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1,
         HAS_LR=has_lr, USE_CAP=logit_cap > 0, DOT_PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     _decode_combine_kernel[(batch, n_qo)](
         mid_o, mid_lr, mid_lse, out, b_weights,

@@ -13,7 +13,9 @@ lr_indices list the PREFIX only.
 Grid ``(query blocks, H_q, batch)``; a program owns ``BLOCK_M`` new tokens of one query
 head, streams the prefix tiles, then the new tokens up to its causal diagonal (tiles wholly
 below the diagonal skip the mask), keeping ``acc = P V_base`` and ``acc_lr = P L`` under one
-online softmax, and finishes with ``O = (acc + acc_lr @ B) / l`` (B read once per program).
+online softmax, and finishes with ``O = acc / l + ((acc_lr / l) @ B)`` (B read once per
+program; the normalised ``P L`` is rounded to the input dtype for that product, as P is for
+the others: an fp32 tf32 product there cost ~10% of a pure prefill, kernels/NOTES.md).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def _extend_kernel(
     stride_ba, stride_bh, stride_br,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LR_ALIGN: tl.constexpr,
-    HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    LR_EXT_ALIGN: tl.constexpr, HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Heaviest (last, longest causal range) query blocks are scheduled first.
     m_blk = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -166,8 +168,8 @@ def _extend_kernel(
         v = tl.load(VExt + (qo_start + pos)[:, None] * stride_vet + kv_head * stride_veh
                     + offs_d[None, :])
         if HAS_LR:
-            lr = tl.load(LExt + (qo_start + pos)[:, None] * stride_let + lr_cols, mask=use_lr,
-                         other=0.0)
+            lr_row = tl.multiple_of((qo_start + pos) * stride_let, LR_EXT_ALIGN)
+            lr = tl.load(LExt + lr_row[:, None] + lr_cols, mask=use_lr, other=0.0)
         m_i, l_i, acc, acc_lr = _attend_tile(
             q, k, v, lr, None, m_i, l_i, acc, acc_lr, pre_scale, post_scale,
             logit_cap, USE_CAP, HAS_LR, False, DOT_PREC)
@@ -182,19 +184,21 @@ def _extend_kernel(
         v = tl.load(VExt + (qo_start + pos)[:, None] * stride_vet + kv_head * stride_veh
                     + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         if HAS_LR:
-            lr = tl.load(LExt + (qo_start + pos)[:, None] * stride_let + lr_cols,
-                         mask=mask_n[:, None] & use_lr, other=0.0)
+            lr_row = tl.multiple_of((qo_start + pos) * stride_let, LR_EXT_ALIGN)
+            lr = tl.load(LExt + lr_row[:, None] + lr_cols, mask=mask_n[:, None] & use_lr,
+                         other=0.0)
         causal = (offs_m[:, None] >= pos[None, :]) & mask_n[None, :]
         m_i, l_i, acc, acc_lr = _attend_tile(
             q, k, v, lr, causal, m_i, l_i, acc, acc_lr, pre_scale, post_scale,
             logit_cap, USE_CAP, HAS_LR, True, DOT_PREC)
 
+    out = acc / l_i[:, None]
     if HAS_LR:
         bw = tl.load(Bw + tl.maximum(adapter, 0).to(tl.int64) * stride_ba + kv_head * stride_bh
                      + offs_r[:, None] * stride_br + offs_d[None, :],
                      mask=(offs_r[:, None] < RANK) & use_lr, other=0.0)
-        acc += tl.dot(acc_lr, bw.to(tl.float32), input_precision=DOT_PREC)
-    out = acc / l_i[:, None]
+        p_l = (acc_lr / l_i[:, None]).to(bw.dtype)
+        out = tl.dot(p_l, bw, out, input_precision=DOT_PREC)
     tl.store(O + (qo_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=mask_m[:, None])
 
@@ -262,7 +266,9 @@ def flash_lora_extend(
         *b_strides,
         GROUP=n_qo // n_kv, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=padded_rank(rank),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1, HAS_LR=has_lr, USE_CAP=logit_cap > 0, DOT_PREC=prec,
+        LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1,
+        LR_EXT_ALIGN=lr_row_alignment(lr_extend) if has_lr else 1,
+        HAS_LR=has_lr, USE_CAP=logit_cap > 0, DOT_PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -27,6 +27,9 @@ from .extend import ExtendConfig, flash_lora_extend
 
 logger = logging.getLogger(__name__)
 
+#: splits at least this long run the deep-tile decode config (H100 sweep, kernels/NOTES.md)
+LONG_SPLIT_TOKENS = 4096
+
 
 def _check_lr_plan(lr_indices: torch.Tensor | None, adapter_ids: torch.Tensor | None) -> None:
     if (lr_indices is None) != (adapter_ids is None):
@@ -107,7 +110,10 @@ class FlashLoRADecodeWrapper:
             batch, splits, h, self._r_pad)
         self._mid_lse_view = self._mid_lse[: batch * splits * h].view(batch, splits, h)
         self.batch, self.num_kv_splits = batch, splits
-        long_splits = max_kv_len // splits >= 2048 if max_kv_len is not None else splits <= 2
+        if max_kv_len is not None:
+            long_splits = max_kv_len // splits >= LONG_SPLIT_TOKENS
+        else:
+            long_splits = splits <= 2
         self._run_config = self.config or default_decode_config(self.device, torch.bfloat16,
                                                                 long_splits)
         self.kv_indptr, self.kv_indices = kv_indptr, kv_indices

@@ -291,9 +291,8 @@ def sweep_decode(rank: int) -> list[dict]:
     return rows
 
 
-def profile_decode(batch: int, ctx: int, rank: int) -> None:
-    """One LR-off and one LR-on decode between cudaProfilerStart/Stop, for
-    ``ncu --profile-from-start off`` (compilation and warm-up stay outside)."""
+def profile_decode(batch: int, ctx: int, rank: int) -> list[Callable[[], object]]:
+    """An LR-off and an LR-on decode call over shuffled pools (see ``profile``)."""
     pools = Pools(batch * ctx, [rank])
     kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
     adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
@@ -301,13 +300,40 @@ def profile_decode(batch: int, ctx: int, rank: int) -> None:
     out = torch.empty_like(q)
     w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch)
     w.plan(kv_indptr, pools.slot_of, pools.lr_slot_of, adapters, max_kv_len=ctx)
-    runs = (lambda: w.run(q, pools.k, pools.v, out=out),
-            lambda: w.run(q, pools.k, pools.v, pools.lr[rank], pools.b[rank], out=out))
-    for fn in runs:
+    return [lambda: w.run(q, pools.k, pools.v, out=out),
+            lambda: w.run(q, pools.k, pools.v, pools.lr[rank], pools.b[rank], out=out)]
+
+
+def profile_extend(batch: int, ctx: int, ext: int, rank: int) -> list[Callable[[], object]]:
+    """An LR-off and an LR-on extend call: ``ext`` new tokens after ``ctx - ext`` cached."""
+    pre, n_tok = ctx - ext, batch * ctx
+    pools = Pools(n_tok, [rank])
+    pos = torch.arange(n_tok, device="cuda").view(batch, ctx)
+    pre_pos, ext_pos = pos[:, :pre].reshape(-1), pos[:, pre:].reshape(-1)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    adapters = torch.arange(batch, **i32) % N_ADAPTERS
+    ext_slots = pools.slot_of[ext_pos].long()
+    k_ext, v_ext = pools.k[ext_slots], pools.v[ext_slots]
+    lr_ext = pools.lr[rank][pools.lr_slot_of[ext_pos].long()]
+    q = torch.randn(batch * ext, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+    out = torch.empty_like(q)
+    w = FlashLoRAExtendWrapper(N_QO, N_KV, HEAD_DIM)
+    w.plan(torch.arange(batch + 1, **i32) * ext, torch.arange(batch + 1, **i32) * pre,
+           pools.slot_of[pre_pos].contiguous(), pools.lr_slot_of[pre_pos].contiguous(), adapters,
+           max_extend_len=ext)
+    return [lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, out=out),
+            lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, lr_ext, pools.lr[rank],
+                          pools.b[rank], out=out)]
+
+
+def profile(calls: list[Callable[[], object]]) -> None:
+    """Run each call once warm, between cudaProfilerStart/Stop, for
+    ``ncu --profile-from-start off`` (compilation and warm-up stay outside)."""
+    for fn in calls:
         fn()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
-    for fn in runs:
+    for fn in calls:
         fn()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
@@ -362,8 +388,8 @@ def extend_table(rows: list[dict], ranks: list[int]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("decode", "extend", "all", "sweep", "profile"),
-                    default="all")
+    ap.add_argument("--part", default="all", choices=(
+        "decode", "extend", "all", "sweep", "profile", "profile-extend"))
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 24, 64])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
@@ -377,7 +403,14 @@ def main() -> None:
         sys.exit("bench_kernels.py needs a CUDA GPU")
 
     if args.part == "profile":
-        profile_decode(args.batches[0], args.contexts[0], args.ranks[0])
+        for batch in args.batches:
+            for ctx in args.contexts:
+                profile(profile_decode(batch, ctx, args.ranks[0]))
+        return
+    if args.part == "profile-extend":
+        for batch in args.batches:
+            for ctx in args.contexts:
+                profile(profile_extend(batch, ctx, min(ctx, args.extend_len), args.ranks[0]))
         return
     props = torch.cuda.get_device_properties(0)
     meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
