@@ -42,7 +42,8 @@ def padded_rank(rank: int) -> int:
 
     `tl.dot` needs >= 16; at exactly 16 Triton's sm_90 layout for the [BLOCK_H, 16] P @ L
     product made the decode kernel use 255 registers and spill (R = 8), while 32 compiles
-    lean. The padding columns are masked, so they cost registers only, never bytes.
+    lean. The padding columns re-read the row's own values (no extra DRAM bytes) and meet
+    B's zero rows, so they cost registers and tensor-core work only.
     """
     return max(MIN_RANK_PAD, triton.next_power_of_2(max(rank, 1)))
 
