@@ -197,6 +197,14 @@ def _decode_combine_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_r = tl.arange(0, BLOCK_R)
 
+    if HAS_LR:
+        # Issued first: adapter id -> B is a chain of two dependent loads.
+        adapter = tl.load(adapter_ids + b)
+        bw = tl.load(Bw + tl.maximum(adapter, 0).to(tl.int64) * stride_ba + kv_head * stride_bh
+                     + offs_r[:, None] * stride_br + offs_d[None, :],
+                     mask=(offs_r[:, None] < RANK) & (adapter >= 0), other=0.0)
+        lr_s = tl.load(MidLR + b * stride_ml_b + offs_s[:, None] * stride_ml_s + head * stride_ml_h
+                       + offs_r[None, :], mask=mask_s[:, None], other=0.0)
     lse = tl.load(MidLSE + b * stride_me_b + offs_s * stride_me_s + head, mask=mask_s,
                   other=float("-inf"))
     m = tl.max(lse, 0)
@@ -208,13 +216,7 @@ def _decode_combine_kernel(
                   + offs_d[None, :], mask=mask_s[:, None], other=0.0)
     out = tl.sum(w[:, None] * o_s, 0) * inv_l
     if HAS_LR:
-        adapter = tl.load(adapter_ids + b)
-        lr_s = tl.load(MidLR + b * stride_ml_b + offs_s[:, None] * stride_ml_s + head * stride_ml_h
-                       + offs_r[None, :], mask=mask_s[:, None], other=0.0)
         p_l = tl.sum(w[:, None] * lr_s, 0) * inv_l  # (P L) for this head, [BLOCK_R]
-        bw = tl.load(Bw + tl.maximum(adapter, 0).to(tl.int64) * stride_ba + kv_head * stride_bh
-                     + offs_r[:, None] * stride_br + offs_d[None, :],
-                     mask=(offs_r[:, None] < RANK) & (adapter >= 0), other=0.0)
         out += tl.sum(p_l[:, None] * bw.to(tl.float32), 0)
     tl.store(O + b * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
