@@ -172,21 +172,23 @@ class FlashLoRAExtendWrapper:
 
     def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
              lr_indices: torch.Tensor | None = None, adapter_ids: torch.Tensor | None = None, *,
-             max_extend_len: int | None = None, sm_scale: float | None = None,
-             logit_cap: float = 0.0) -> None:
+             max_extend_len: int | None = None, max_prefix_len: int | None = None,
+             sm_scale: float | None = None, logit_cap: float = 0.0) -> None:
         """Record the batch's metadata.
 
         qo_indptr ``[batch + 1]`` (new tokens); kv_indptr ``[batch + 1]`` (prefix tokens);
         kv_indices / lr_indices ``[kv_indptr[-1]]``; adapter_ids ``[batch]`` int32.
         ``max_extend_len`` (host int) sizes the grid; if omitted it is read from qo_indptr
-        (one host sync, here in plan, never in run).
+        (one host sync, here in plan, never in run). ``max_prefix_len`` (host int, optional:
+        the longest cached prefix) lets long-prefix batches with the LR term run a deeper
+        pipeline.
         """
         _check_lr_plan(lr_indices, adapter_ids)
         if max_extend_len is None:
             max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max().item()) if qo_indptr.numel() > 1 else 0
         self.qo_indptr, self.kv_indptr, self.kv_indices = qo_indptr, kv_indptr, kv_indices
         self.lr_indices, self.adapter_ids = lr_indices, adapter_ids
-        self.max_extend_len = max_extend_len
+        self.max_extend_len, self.max_prefix_len = max_extend_len, max_prefix_len
         self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.logit_cap = logit_cap
         self._planned = True
@@ -212,5 +214,5 @@ class FlashLoRAExtendWrapper:
             self.kv_indices, self.max_extend_len, self.sm_scale, self.logit_cap,
             lr_extend=lr_extend if has_lr else None, lr_buffer=lr_buffer if has_lr else None,
             lr_indices=self.lr_indices, b_weights=b_weights, adapter_ids=self.adapter_ids,
-            config=self.config,
+            config=self.config, max_prefix_len=self.max_prefix_len,
         )

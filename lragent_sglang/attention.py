@@ -297,7 +297,8 @@ class LRAgentTritonAttnBackend(LRAgentTorchAttnBackend):
             self.rt.token_slot = torch.repeat_interleave(slots.to(torch.int64), ext, output_size=n)
             adapter_ids = self._adapter_ids(slots)
         self.extend_wrapper.plan(qo_indptr, kv_indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling,
-                                 max_extend_len=max(fb.extend_seq_lens_cpu))
+                                 max_extend_len=max(fb.extend_seq_lens_cpu),
+                                 max_prefix_len=max(fb.extend_prefix_lens_cpu))
         has_gap = self.rt.take_gap(fb.rids)
         self.extend_loc = self.req_to_token_pool.req_to_token[token_rows, positions].to(torch.int64) if has_gap else None
 

@@ -212,7 +212,8 @@ def extend_shape(batch: int, ctx: int, ext: int, ranks: list[int], sgl: dict, fi
     res: dict = dict(batch=batch, ctx=ctx, ext=ext, flops=flops)
 
     w = FlashLoRAExtendWrapper(N_QO, N_KV, HEAD_DIM)
-    w.plan(qo_indptr, kv_indptr, kv_indices, lr_indices, adapters, max_extend_len=ext)
+    w.plan(qo_indptr, kv_indptr, kv_indices, lr_indices, adapters, max_extend_len=ext,
+           max_prefix_len=pre)
     rep = dict(rep_ms=500.0)
     res["ours_lr_off"] = bench(lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, out=out), **rep)
     all_pos = pos.reshape(-1)
@@ -320,7 +321,7 @@ def profile_extend(batch: int, ctx: int, ext: int, rank: int) -> list[Callable[[
     w = FlashLoRAExtendWrapper(N_QO, N_KV, HEAD_DIM)
     w.plan(torch.arange(batch + 1, **i32) * ext, torch.arange(batch + 1, **i32) * pre,
            pools.slot_of[pre_pos].contiguous(), pools.lr_slot_of[pre_pos].contiguous(), adapters,
-           max_extend_len=ext)
+           max_extend_len=ext, max_prefix_len=pre)
     return [lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, out=out),
             lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, lr_ext, pools.lr[rank],
                           pools.b[rank], out=out)]

@@ -22,6 +22,7 @@ from lragent_sglang.kernels import (  # noqa: E402  (the env var must be set fir
     decode_reference,
     extend_reference,
 )
+from lragent_sglang.kernels.extend import LONG_PREFIX_TOKENS, default_extend_config  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 GPU = pytest.mark.gpu
@@ -111,7 +112,9 @@ def run_extend(p: Problem, *, lr: bool = True, cap: float = 0.0,
     n_qo, head_dim = p.q.shape[1], p.q.shape[2]
     w = FlashLoRAExtendWrapper(n_qo, p.k_buffer.shape[1], head_dim, device=p.q.device)
     lr_plan = (p.lr_indices, p.adapter_ids) if lr else (None, None)
-    w.plan(p.qo_indptr, p.kv_indptr, p.kv_indices, *lr_plan, logit_cap=cap)
+    max_prefix = int((p.kv_indptr[1:] - p.kv_indptr[:-1]).max())
+    w.plan(p.qo_indptr, p.kv_indptr, p.kv_indices, *lr_plan, logit_cap=cap,
+           max_prefix_len=max_prefix)
     out = torch.full_like(p.q, float("nan"))
     bw = p.b_weights if b_weights is None else b_weights
     lr_run = (p.lr_extend, p.lr_buffer, bw) if lr else (None, None, None)
@@ -200,6 +203,17 @@ def test_wrapper_argument_checks_cpu() -> None:
         w.run(p.q[:1], p.k_buffer, p.v_buffer, torch.zeros(4, 64), p.b_weights)  # rank 64 > 8
 
 
+def test_extend_pipeline_depth_rule() -> None:
+    """Four stages only for the 16-bit LR build with R padded to <= 32 behind a long prefix."""
+    def stages(width: int | None, prefix: int | None, dtype: torch.dtype = torch.bfloat16) -> int:
+        return default_extend_config(torch.device("cuda"), dtype, width, prefix).num_stages
+
+    assert stages(32, LONG_PREFIX_TOKENS) == 4
+    assert stages(32, LONG_PREFIX_TOKENS - 1) == stages(64, 10**5) == stages(None, 10**5) == 3
+    assert stages(32, None) == 3  # prefix unknown: the default
+    assert stages(32, 10**5, torch.float32) == 1
+
+
 def test_split_heuristic() -> None:
     w = FlashLoRADecodeWrapper(32, 8, 128, device="cpu", max_kv_splits=64, workspace_rows=1024)
     assert w.choose_num_kv_splits(1) == 2  # 4 "SMs" on CPU: 16 targets / 8 programs
@@ -228,7 +242,7 @@ GPU_CASES = [
 
 def _gpu_lens(seed: int) -> tuple[list[int], list[int], list[int]]:
     g = torch.Generator().manual_seed(seed)
-    prefix = [0, 1, 4000, *torch.randint(1, 1500, (5,), generator=g).tolist()]
+    prefix = [0, 1, 5000, *torch.randint(1, 1500, (5,), generator=g).tolist()]  # 5000: 4 stages
     extend = [300, 1, 77, *torch.randint(1, 400, (5,), generator=g).tolist()]
     adapters = [0, -1, 2, 1, -1, 1, 0, 2]
     return prefix, extend, adapters
