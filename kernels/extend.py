@@ -57,7 +57,7 @@ def default_extend_config(device: torch.device, dtype: torch.dtype, lr_width: in
 
     ``lr_width`` is the padded LR width (None: LR off); ``max_prefix_len`` the longest cached
     prefix in the batch (None: unknown). Measured on an H100 (kernels/NOTES.md item 6): a
-    fourth stage takes 2-5% off the LR build with R <= 32 behind 7k-63k-token prefixes,
+    fourth stage takes 2-5% off the LR build with R <= 32 behind 7k-31k-token prefixes,
     is neutral or worse with LR off or R = 64, and 6% slower for pure prefill.
     """
     if device.type != "cuda":
