@@ -106,6 +106,43 @@ class Pools:
         self.v_mat.index_copy_(0, slots, self.v[slots] + delta)
 
 
+class ExtendBatch:
+    """``ext`` new tokens per request after a cached prefix of ``ctx - ext`` tokens over
+    shuffled pools, planned on our extend wrapper. Request b owns positions b*ctx ..
+    b*ctx+ctx-1: the first ``ctx - ext`` are cached, the rest new."""
+
+    def __init__(self, batch: int, ctx: int, ext: int, ranks: list[int]) -> None:
+        self.pre = pre = ctx - ext
+        self.pools = pools = Pools(batch * ctx, ranks)
+        self.pos = torch.arange(batch * ctx, device="cuda").view(batch, ctx)
+        pre_pos, ext_pos = self.pos[:, :pre].reshape(-1), self.pos[:, pre:].reshape(-1)
+        i32 = dict(dtype=torch.int32, device="cuda")
+        self.qo_indptr = torch.arange(batch + 1, **i32) * ext
+        self.kv_indptr = torch.arange(batch + 1, **i32) * pre
+        self.kv_indices = pools.slot_of[pre_pos].contiguous()
+        self.adapters = torch.arange(batch, **i32) % N_ADAPTERS
+        self.ext_slots = pools.slot_of[ext_pos].long()
+        self.k_ext, self.v_ext = pools.k[self.ext_slots], pools.v[self.ext_slots]
+        self.lr_ext = {r: pools.lr[r][pools.lr_slot_of[ext_pos].long()] for r in ranks}
+        self.q = torch.randn(batch * ext, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+        self.out = torch.empty_like(self.q)
+        self.wrapper = FlashLoRAExtendWrapper(N_QO, N_KV, HEAD_DIM)
+        self.wrapper.plan(self.qo_indptr, self.kv_indptr, self.kv_indices,
+                          pools.lr_slot_of[pre_pos].contiguous(), self.adapters,
+                          max_extend_len=ext, max_prefix_len=pre)
+
+    def run_off(self) -> torch.Tensor:
+        """Our kernel with the LR term off."""
+        return self.wrapper.run(self.q, self.k_ext, self.v_ext, self.pools.k, self.pools.v,
+                                out=self.out)
+
+    def run_lr(self, rank: int) -> torch.Tensor:
+        """Our kernel with the LR term of rank ``rank``."""
+        return self.wrapper.run(self.q, self.k_ext, self.v_ext, self.pools.k, self.pools.v,
+                                self.lr_ext[rank], self.pools.lr[rank], self.pools.b[rank],
+                                out=self.out)
+
+
 def load_sglang() -> dict[str, Callable]:
     try:
         from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
@@ -191,52 +228,34 @@ def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int
 
 def extend_shape(batch: int, ctx: int, ext: int, ranks: list[int], sgl: dict, fi) -> dict:
     """``ext`` new tokens per request after a cached prefix of ``ctx - ext`` tokens."""
-    pre = ctx - ext
-    n_tok = batch * ctx
-    pools = Pools(n_tok, ranks)
-    # Request b's positions b*ctx .. b*ctx+ctx-1: first `pre` are the prefix, the rest new.
-    pos = torch.arange(n_tok, device="cuda").view(batch, ctx)
-    pre_pos, ext_pos = pos[:, :pre].reshape(-1), pos[:, pre:].reshape(-1)
+    e = ExtendBatch(batch, ctx, ext, ranks)
+    pools, q, out, pre = e.pools, e.q, e.out, e.pre
     i32 = dict(dtype=torch.int32, device="cuda")
-    qo_indptr = torch.arange(batch + 1, **i32) * ext
-    kv_indptr = torch.arange(batch + 1, **i32) * pre
-    kv_indices = pools.slot_of[pre_pos].contiguous()
-    lr_indices = pools.lr_slot_of[pre_pos].contiguous()
-    adapters = torch.arange(batch, **i32) % N_ADAPTERS
-    ext_slots = pools.slot_of[ext_pos].long()
-    k_ext, v_ext = pools.k[ext_slots], pools.v[ext_slots]
-    q = torch.randn(batch * ext, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
-    out = torch.empty_like(q)
     scale = HEAD_DIM ** -0.5
     flops = 4 * HEAD_DIM * N_QO * batch * (ext * pre + ext * (ext + 1) / 2)
     res: dict = dict(batch=batch, ctx=ctx, ext=ext, flops=flops)
 
-    w = FlashLoRAExtendWrapper(N_QO, N_KV, HEAD_DIM)
-    w.plan(qo_indptr, kv_indptr, kv_indices, lr_indices, adapters, max_extend_len=ext,
-           max_prefix_len=pre)
     rep = dict(rep_ms=500.0)
-    res["ours_lr_off"] = bench(lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, out=out), **rep)
-    all_pos = pos.reshape(-1)
+    res["ours_lr_off"] = bench(e.run_off, **rep)
+    all_pos = e.pos.reshape(-1)
     for r in ranks:
-        lr_ext = pools.lr[r][pools.lr_slot_of[ext_pos].long()]
-        res[f"ours_lr{r}"] = bench(lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, lr_ext,
-                                                 pools.lr[r], pools.b[r], out=out), **rep)
+        res[f"ours_lr{r}"] = bench(lambda: e.run_lr(r), **rep)
 
         def materialised() -> None:
-            pools.materialise(r, all_pos, ctx, adapters)
-            w.run(q, k_ext, pools.v_mat[ext_slots], pools.k, pools.v_mat, out=out)
+            pools.materialise(r, all_pos, ctx, e.adapters)
+            e.wrapper.run(q, e.k_ext, pools.v_mat[e.ext_slots], pools.k, pools.v_mat, out=out)
         res[f"materialise_lr{r}"] = bench(materialised, **rep)
 
     if sgl:
         res["sglang"] = try_bench("sglang extend", lambda: sgl["extend"](
-            q, k_ext, v_ext, out, pools.k, pools.v, qo_indptr, kv_indptr, kv_indices, None, True,
-            None, ext, 1.0, 1.0, sm_scale=scale), **rep)
+            q, e.k_ext, e.v_ext, out, pools.k, pools.v, e.qo_indptr, e.kv_indptr, e.kv_indices,
+            None, True, None, ext, 1.0, 1.0, sm_scale=scale), **rep)
     if fi is not None:
         try:
             ws = torch.zeros(512 * 2**20, dtype=torch.uint8, device="cuda")
             fw = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
             full_indptr = torch.arange(batch + 1, **i32) * ctx
-            fw.plan(qo_indptr, full_indptr, pools.slot_of, torch.ones(batch, **i32), N_QO, N_KV,
+            fw.plan(e.qo_indptr, full_indptr, pools.slot_of, torch.ones(batch, **i32), N_QO, N_KV,
                     HEAD_DIM, 1, causal=True, sm_scale=scale, q_data_type=DTYPE,
                     kv_data_type=DTYPE)
             cache = (pools.k.unsqueeze(1), pools.v.unsqueeze(1))
@@ -259,7 +278,7 @@ def extend_shape(batch: int, ctx: int, ext: int, ranks: list[int], sgl: dict, fi
                 return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
         res["sdpa_flash"] = try_bench("sdpa", sdpa, **rep)
         del kd, vd
-    del pools
+    del e, pools
     torch.cuda.empty_cache()
     return res
 
@@ -307,24 +326,8 @@ def profile_decode(batch: int, ctx: int, rank: int) -> list[Callable[[], object]
 
 def profile_extend(batch: int, ctx: int, ext: int, rank: int) -> list[Callable[[], object]]:
     """An LR-off and an LR-on extend call: ``ext`` new tokens after ``ctx - ext`` cached."""
-    pre, n_tok = ctx - ext, batch * ctx
-    pools = Pools(n_tok, [rank])
-    pos = torch.arange(n_tok, device="cuda").view(batch, ctx)
-    pre_pos, ext_pos = pos[:, :pre].reshape(-1), pos[:, pre:].reshape(-1)
-    i32 = dict(dtype=torch.int32, device="cuda")
-    adapters = torch.arange(batch, **i32) % N_ADAPTERS
-    ext_slots = pools.slot_of[ext_pos].long()
-    k_ext, v_ext = pools.k[ext_slots], pools.v[ext_slots]
-    lr_ext = pools.lr[rank][pools.lr_slot_of[ext_pos].long()]
-    q = torch.randn(batch * ext, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
-    out = torch.empty_like(q)
-    w = FlashLoRAExtendWrapper(N_QO, N_KV, HEAD_DIM)
-    w.plan(torch.arange(batch + 1, **i32) * ext, torch.arange(batch + 1, **i32) * pre,
-           pools.slot_of[pre_pos].contiguous(), pools.lr_slot_of[pre_pos].contiguous(), adapters,
-           max_extend_len=ext, max_prefix_len=pre)
-    return [lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, out=out),
-            lambda: w.run(q, k_ext, v_ext, pools.k, pools.v, lr_ext, pools.lr[rank],
-                          pools.b[rank], out=out)]
+    e = ExtendBatch(batch, ctx, ext, [rank])
+    return [e.run_off, lambda: e.run_lr(rank)]
 
 
 def profile(calls: list[Callable[[], object]]) -> None:
@@ -403,15 +406,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
 
-    if args.part == "profile":
+    if args.part in ("profile", "profile-extend"):
         for batch in args.batches:
             for ctx in args.contexts:
-                profile(profile_decode(batch, ctx, args.ranks[0]))
-        return
-    if args.part == "profile-extend":
-        for batch in args.batches:
-            for ctx in args.contexts:
-                profile(profile_extend(batch, ctx, min(ctx, args.extend_len), args.ranks[0]))
+                profile(profile_decode(batch, ctx, args.ranks[0]) if args.part == "profile" else
+                        profile_extend(batch, ctx, min(ctx, args.extend_len), args.ranks[0]))
         return
     props = torch.cuda.get_device_properties(0)
     meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
