@@ -92,6 +92,10 @@ class StockCacheStats:
     adapters: AdapterStats = dataclasses.field(default_factory=AdapterStats)
     evicted_tokens: int = 0
 
+    def reset(self) -> None:
+        self.adapters.reset()
+        self.evicted_tokens = 0
+
 
 def stock_stats(cache: Any) -> StockCacheStats | None:
     """The counters of a stock cache, created on first use; None where our backends are
@@ -126,8 +130,7 @@ def reset_stock_stats(result: Any, cache: Any, *args: Any, **kwargs: Any) -> Non
     cache, as ours do (the Prometheus counters keep counting from the new values)."""
     stats = cache.__dict__.get("lragent_stats")
     if stats is not None:
-        stats.adapters.reset()
-        stats.evicted_tokens = 0
+        stats.reset()
 
 
 # ---------------------------------------------------------------- the state
