@@ -106,6 +106,33 @@ class Pools:
         self.v_mat.index_copy_(0, slots, self.v[slots] + delta)
 
 
+class DecodeBatch:
+    """One query token per request over ``ctx`` cached tokens each, in shuffled pools."""
+
+    def __init__(self, batch: int, ctx: int, ranks: list[int]) -> None:
+        self.batch, self.ctx = batch, ctx
+        self.pools = Pools(batch * ctx, ranks)
+        self.kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
+        self.adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
+        self.q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+        self.out = torch.empty_like(self.q)
+        torch.cuda.synchronize()  # graph timing runs on a side stream (see Pools)
+
+    def planned(self, config: DecodeConfig | None = None) -> FlashLoRADecodeWrapper:
+        """Our decode wrapper planned for this batch (default tiles unless ``config``)."""
+        w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=self.batch, config=config)
+        w.plan(self.kv_indptr, self.pools.slot_of, self.pools.lr_slot_of, self.adapters,
+               max_kv_len=self.ctx)
+        return w
+
+    def run_off(self, w: FlashLoRADecodeWrapper) -> torch.Tensor:
+        return w.run(self.q, self.pools.k, self.pools.v, out=self.out)
+
+    def run_lr(self, w: FlashLoRADecodeWrapper, rank: int) -> torch.Tensor:
+        return w.run(self.q, self.pools.k, self.pools.v, self.pools.lr[rank], self.pools.b[rank],
+                     out=self.out)
+
+
 class ExtendBatch:
     """``ext`` new tokens per request after a cached prefix of ``ctx - ext`` tokens over
     shuffled pools, planned on our extend wrapper. Request b owns positions b*ctx ..
@@ -166,28 +193,20 @@ def load_flashinfer():
 
 def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int) -> dict:
     n_tok = batch * ctx
-    pools = Pools(n_tok, ranks)
-    kv_indptr = (torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx)
-    kv_indices = pools.slot_of
-    lr_indices = pools.lr_slot_of
-    adapters = (torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS)
-    q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
-    out = torch.empty_like(q)
+    d = DecodeBatch(batch, ctx, ranks)
+    pools, kv_indptr, kv_indices, q, out = d.pools, d.kv_indptr, d.pools.slot_of, d.q, d.out
     scale = HEAD_DIM ** -0.5
     res: dict = dict(batch=batch, ctx=ctx)
 
-    w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch)
-    w.plan(kv_indptr, kv_indices, lr_indices, adapters, max_kv_len=ctx)
-    torch.cuda.synchronize()
+    w = d.planned()
     res["splits"] = w.num_kv_splits
-    res["ours_lr_off"] = bench(lambda: w.run(q, pools.k, pools.v, out=out), graph=True)
+    res["ours_lr_off"] = bench(lambda: d.run_off(w), graph=True)
     all_pos = torch.arange(n_tok, device="cuda")
     for r in ranks:
-        res[f"ours_lr{r}"] = bench(
-            lambda: w.run(q, pools.k, pools.v, pools.lr[r], pools.b[r], out=out), graph=True)
+        res[f"ours_lr{r}"] = bench(lambda: d.run_lr(w, r), graph=True)
 
         def materialised() -> None:
-            pools.materialise(r, all_pos, ctx, adapters)
+            pools.materialise(r, all_pos, ctx, d.adapters)
             w.run(q, pools.k, pools.v_mat, out=out)
         res[f"materialise_lr{r}"] = bench(materialised, graph=True)
 
@@ -221,7 +240,7 @@ def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int
             res["flashinfer"] = try_bench("flashinfer decode", fi_setup(), graph=True)
         except Exception as exc:  # noqa: BLE001
             logger.warning("flashinfer decode plan failed: %s", exc)
-    del pools
+    del d, pools
     torch.cuda.empty_cache()
     return res
 
@@ -287,41 +306,27 @@ def sweep_decode(rank: int) -> list[dict]:
     """Stage-1 tile options at two shapes: bandwidth-bound (64 x 8k) and split-bound (1 x 32k)."""
     rows = []
     for batch, ctx in ((64, 8192), (1, 32768)):
-        pools = Pools(batch * ctx, [rank])
-        kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
-        adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
-        q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
-        out = torch.empty_like(q)
-        torch.cuda.synchronize()
+        d = DecodeBatch(batch, ctx, [rank])
         for block_n, warps, stages in ((32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2),
                                        (64, 4, 3), (64, 8, 2), (128, 8, 2)):
             cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
-            w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch, config=cfg)
-            w.plan(kv_indptr, pools.slot_of, pools.lr_slot_of, adapters, max_kv_len=ctx)
-            t_off = try_bench(f"{cfg} off", lambda: w.run(q, pools.k, pools.v, out=out),
-                              graph=True)
-            t_lr = try_bench(f"{cfg} lr", lambda: w.run(
-                q, pools.k, pools.v, pools.lr[rank], pools.b[rank], out=out), graph=True)
+            w = d.planned(cfg)
+            t_off = try_bench(f"{cfg} off", lambda: d.run_off(w), graph=True)
+            t_lr = try_bench(f"{cfg} lr", lambda: d.run_lr(w, rank), graph=True)
             rows.append(dict(batch=batch, ctx=ctx, block_n=block_n, warps=warps,
                              stages=stages, off=t_off, lr=t_lr))
             print(f"sweep {batch}x{ctx} {cfg}: off {fmt(t_off, '.4f')} "
                   f"lr{rank} {fmt(t_lr, '.4f')} ms", flush=True)
-        del pools
+        del d
         torch.cuda.empty_cache()
     return rows
 
 
 def profile_decode(batch: int, ctx: int, rank: int) -> list[Callable[[], object]]:
     """An LR-off and an LR-on decode call over shuffled pools (see ``profile``)."""
-    pools = Pools(batch * ctx, [rank])
-    kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
-    adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
-    q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
-    out = torch.empty_like(q)
-    w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=batch)
-    w.plan(kv_indptr, pools.slot_of, pools.lr_slot_of, adapters, max_kv_len=ctx)
-    return [lambda: w.run(q, pools.k, pools.v, out=out),
-            lambda: w.run(q, pools.k, pools.v, pools.lr[rank], pools.b[rank], out=out)]
+    d = DecodeBatch(batch, ctx, [rank])
+    w = d.planned()
+    return [lambda: d.run_off(w), lambda: d.run_lr(w, rank)]
 
 
 def profile_extend(batch: int, ctx: int, ext: int, rank: int) -> list[Callable[[], object]]:
