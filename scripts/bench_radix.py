@@ -1,6 +1,6 @@
 """Benchmark the LRAgent prefix tree (radix/) against SGLang's own RadixCache.
 
-Workload: the LRAgent emulated agent trace (LRAGENT.md): per trajectory a shared system
+Workload: the LRAgent paper's emulated agent trace (see bench_trace.py): per trajectory a shared system
 prompt plus a question, then 17 plan / action / reflect steps whose prompt is the whole
 trajectory so far, with tool outputs of ``--tool-len`` tokens; a few trajectories are in
 flight at once, and at the end every adapter forks a private branch off the trajectory.

@@ -1,5 +1,5 @@
 """The paper's 17-step plan/action/reflect trace against the real server, one server per
-scheme, all in one run (LRAGENT.md, "The emulated trace").
+scheme, all in one run (the LRAgent paper's emulated trace, README "Benchmarks").
 
 Every trajectory has its own random tokens and runs its 17 steps in order (each prompt is
 the whole trajectory so far plus the new tokens); `--in-flight` trajectories run at once.
@@ -7,7 +7,9 @@ Several `--context` / `--in-flight` values form a grid that every server runs in
 flushed before each cell), so one script run with four server starts covers them all.
 Requests go over HTTP with token ids (`--skip-tokenizer-init`), streamed, so TTFT is the
 arrival of the first chunk. The `no-adapters` run is the same server with every request
-sent without an adapter (cache flushed first): the upper bound of sharing. Prints a table, writes JSON.
+sent without an adapter (cache flushed first): the upper bound of sharing. Prints a table,
+writes JSON and, next to it, a PNG of throughput and cached fraction against trajectories
+in flight (one line per run, one panel pair per context).
 
     python scripts/bench_trace.py --model-path M --lora-paths plan=P action=P reflect=P \
         --context 2048 8192 --in-flight 1 8 [--schemes non-shared base-lr-shared ...] [--out F]
@@ -27,8 +29,8 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from lragent_sglang.config import SCHEMES
-from lragent_sglang.server_process import ServerProcess
+from lragent_sglang.agents.server_process import ServerProcess
+from lragent_sglang.scheme import Scheme
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +142,39 @@ def save(out: Path, tables: dict[tuple[int, int], dict]) -> None:
     out.write_text(json.dumps({"cells": cells}, indent=2))
 
 
+def plot(out: Path, tables: dict[tuple[int, int], dict]) -> None:
+    """Throughput and cached fraction against trajectories in flight, per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({c for c, _ in tables})
+    fig, axes = plt.subplots(2, len(contexts), figsize=(5 * len(contexts), 7), squeeze=False)
+    for col, context in enumerate(contexts):
+        cells = sorted((f, runs) for (c, f), runs in tables.items() if c == context)
+        labels = dict.fromkeys(label for _, runs in cells for label in runs)
+        for label in labels:
+            points = [(f, runs[label]) for f, runs in cells if label in runs]
+            xs = [f for f, _ in points]
+            axes[0][col].plot(xs, [r["throughput_tok_s"] for _, r in points], marker="o", label=label)
+            axes[1][col].plot(xs, [r["cached_fraction"] for _, r in points], marker="o", label=label)
+        axes[0][col].set_title(f"L = {context} ({912 + 4 * context} tokens per trajectory)")
+        axes[0][col].set_ylabel("tokens / s")
+        axes[1][col].set_ylabel("cached fraction of prompt tokens")
+        axes[1][col].set_ylim(0, 1)
+        for ax in axes[:, col]:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("trajectories in flight")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def print_table(context: int, in_flight: int, table: dict) -> None:
-    ref = table.get("non-shared")
+    ref = table.get(Scheme.NON_SHARED)
     print(f"\ntrace L={context} ({912 + 4 * context} tokens), {in_flight} in flight")
     print(f"{'run':20s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} "
           f"{'KV MiB held/traj':>16s} {'KV MiB written/traj':>19s}")
@@ -158,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-paths", nargs="+", required=True, help="plan=DIR action=DIR reflect=DIR")
     parser.add_argument("--context", type=int, nargs="+", default=[2048], help="L, the tool-output length")
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1])
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--schemes", nargs="+", default=list(Scheme.choices()), choices=Scheme.choices())
     parser.add_argument("--no-adapter-run", action="store_true", help="also run the trace without adapters")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench_trace.json"))
@@ -168,17 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     extra = [f for f in args.server_flags if f != "--"]
     base = ["--model-path", args.model_path, "--skip-tokenizer-init", "--enable-lora",
             "--lora-paths", *args.lora_paths, *extra]
-    schemes = list(args.schemes)
-    if args.no_adapter_run and "non-shared" not in schemes:
-        schemes.append("non-shared")
+    schemes = [Scheme(s) for s in args.schemes]
+    if args.no_adapter_run and Scheme.NON_SHARED not in schemes:
+        schemes.append(Scheme.NON_SHARED)
     cells = [(c, f) for c in args.context for f in args.in_flight]
     tables: dict[tuple[int, int], dict] = {cell: {} for cell in cells}
     for scheme in schemes:
-        runs = [(scheme, True)] if scheme in args.schemes else []
-        if args.no_adapter_run and scheme in ("non-shared", "base-lr-shared"):
+        runs = [(str(scheme), True)] if scheme in args.schemes else []
+        if args.no_adapter_run and (scheme.keys_by_adapter or scheme.one_lr_cache):
             # Same server, cache flushed in between: stock kernels, and ours.
-            runs.append(("no-adapters" if scheme == "non-shared" else "no-adapters lragent", False))
-        with ServerProcess([*base, "--lragent-scheme", scheme], log_path=args.out.with_suffix(f".{scheme}.log")) as srv:
+            runs.append(("no-adapters" if scheme.keys_by_adapter else "no-adapters lragent", False))
+        with ServerProcess([*base, "--lragent-scheme", str(scheme)], log_path=args.out.with_suffix(f".{scheme}.log")) as srv:
             for context, in_flight in cells:
                 for label, roles in runs:
                     requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
@@ -188,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     tables[(context, in_flight)][label] = row
                     logger.info("%s L=%d x%d: %s", label, context, in_flight, row)
                     save(args.out, tables)  # a cut-off run keeps its rows
+    plot(args.out.with_suffix(".png"), tables)
     for (context, in_flight), table in tables.items():
         print_table(context, in_flight, table)
     return 0

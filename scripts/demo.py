@@ -13,17 +13,14 @@ import argparse
 import logging
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import requests
+from example_agent import QUESTIONS, print_result, run_agent
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from example_agent import QUESTIONS, print_result, run_agent  # noqa: E402
-
-from lragent_sglang.config import SCHEMES  # noqa: E402
-from lragent_sglang.frontend import Runtime  # noqa: E402
-from lragent_sglang.tools import Toolbox  # noqa: E402
+from lragent_sglang.agents.frontend import Runtime
+from lragent_sglang.agents.tools import Toolbox
+from lragent_sglang.scheme import Scheme
 
 
 def kv_bytes(url: str) -> int:
@@ -32,11 +29,11 @@ def kv_bytes(url: str) -> int:
     return state.get("base", {}).get("bytes", 0) + state.get("lr", {}).get("bytes", 0)
 
 
-def run_scheme(scheme: str, questions: list[str], max_steps: int, show: bool) -> dict:
+def run_scheme(scheme: Scheme, questions: list[str], max_steps: int, show: bool) -> dict:
     """Per role: prompt, cached and generated tokens; plus the KV bytes held at the end."""
     per_role: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     with Runtime.smollm2(scheme=scheme, chat_template_name="chatml") as rt:
-        if scheme == "base-lr-shared":
+        if show:
             print(f"dashboard while this runs: {rt.url}/lragent/dashboard", flush=True)
         for question in tqdm(questions, desc=f"{scheme}: questions"):
             result = run_agent(question, rt.endpoint, max_steps=max_steps, toolbox=Toolbox())
@@ -53,8 +50,8 @@ def run_scheme(scheme: str, questions: list[str], max_steps: int, show: bool) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scheme", choices=SCHEMES, default="base-lr-shared")
-    parser.add_argument("--baseline", choices=SCHEMES, default="non-shared")
+    parser.add_argument("--scheme", type=Scheme, choices=list(Scheme), default=Scheme.BASE_LR_SHARED)
+    parser.add_argument("--baseline", type=Scheme, choices=list(Scheme), default=Scheme.NON_SHARED)
     parser.add_argument("--questions", type=int, default=2, help="how many built-in questions")
     parser.add_argument("--max-steps", type=int, default=2)
     args = parser.parse_args(argv)

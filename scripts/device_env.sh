@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Source on the GPU machine (from the repo root) after the sglang bundle is installed in
-# /tmp/site: makes `lragent_sglang.kernels` / `.radix` importable without pip (the machine
-# is offline) and puts the bundle first on the path.
+# /tmp/site: makes `lragent_sglang` (with `.kernels` / `.radix`) importable without pip
+# (the machine is offline) and puts the bundle first on the path. The plugin's entry point
+# needs our wheel instead (`pip wheel --no-deps .`, installed with --target /tmp/site).
 #   source scripts/device_env.sh
-mkdir -p /tmp/pkg/lragent_sglang
-cp lragent_sglang/*.py /tmp/pkg/lragent_sglang/
+rm -rf /tmp/pkg/lragent_sglang && mkdir -p /tmp/pkg
+cp -r lragent_sglang /tmp/pkg/
 ln -sfn "$PWD/kernels" /tmp/pkg/lragent_sglang/kernels
 ln -sfn "$PWD/radix" /tmp/pkg/lragent_sglang/radix
 # PYTHONSAFEPATH: `python -m pytest` must not put the repo root (whose lragent_sglang/ has

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from lragent_sglang.adapters import make_role_adapters
-from lragent_sglang.server_process import ServerProcess
+from lragent_sglang.adapters.make import make_role_adapters
+from lragent_sglang.agents.server_process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_random_llama import PRESETS, copy_tokenizer, write_checkpoint  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> int:
     adapters = make_role_adapters(model, work / "adapters")
     lora = ["--enable-lora", "--lora-paths", *[f"{r}={p}" for r, p in adapters.items()]]
     runs = {
-        "lragent": ("lragent_sglang.launch_server", ["--lragent-scheme", "base-lr-shared"]),
+        "lragent": ("lragent_sglang.server.launch_server", ["--lragent-scheme", "base-lr-shared"]),
         "stock-triton": ("sglang.launch_server", ["--attention-backend", "triton"]),
     }
     results = {}

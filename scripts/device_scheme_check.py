@@ -23,8 +23,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lragent_sglang.adapters import make_role_adapters
-from lragent_sglang.server_process import ServerProcess
+from lragent_sglang.adapters.make import make_role_adapters
+from lragent_sglang.agents.server_process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_random_llama import PRESETS, copy_tokenizer, write_checkpoint  # noqa: E402

@@ -48,8 +48,10 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from lragent_sglang.adapter_check import lora_pairs, max_rank
-from lragent_sglang.fidelity import (
+from lragent_sglang.adapters.io import lora_pairs, max_rank
+from lragent_sglang.agents.server_process import ServerError, ServerProcess
+from lragent_sglang.agents.tools import Toolbox, ToolError, parse_tool_call
+from lragent_sglang.eval.fidelity import (
     ChatFrame,
     TopLogprobs,
     WriterTrie,
@@ -62,8 +64,7 @@ from lragent_sglang.fidelity import (
     top1_agreement,
     top_logprobs_from_meta,
 )
-from lragent_sglang.server_process import ServerError, ServerProcess
-from lragent_sglang.tools import Toolbox, ToolError, parse_tool_call
+from lragent_sglang.scheme import Scheme
 
 logger = logging.getLogger("eval_fidelity")
 
@@ -91,23 +92,23 @@ TRUNCATED_KS = (20, 100, 1000)  # top-k cuts whose KL error the report measures
 class RunSpec:
     label: str
     adapters: str  # adapter set name
-    scheme: str
+    scheme: Scheme
     flags: tuple[str, ...] = ()
     reference: str | None = None  # label of the run it is compared with (None: it is a reference)
 
 
 RUNS = (  # in the order they run: a reference before the runs compared with it
-    RunSpec("independent/non-shared", "independent", "non-shared"),
-    RunSpec("independent/full-shared", "independent", "full-shared", reference="independent/non-shared"),
-    RunSpec("independent/base-shared", "independent", "base-shared", reference="independent/non-shared"),
-    RunSpec("independent/joint-basis", "independent", "base-lr-shared", ("--lragent-lr-basis", "joint"),
+    RunSpec("independent/non-shared", "independent", Scheme.NON_SHARED),
+    RunSpec("independent/full-shared", "independent", Scheme.FULL_SHARED, reference="independent/non-shared"),
+    RunSpec("independent/base-shared", "independent", Scheme.BASE_SHARED, reference="independent/non-shared"),
+    RunSpec("independent/joint-basis", "independent", Scheme.BASE_LR_SHARED, ("--lragent-lr-basis", "joint"),
             reference="independent/non-shared"),
-    RunSpec("shared-a/non-shared", "shared-a", "non-shared"),
-    RunSpec("shared-a/full-shared", "shared-a", "full-shared", reference="shared-a/non-shared"),
-    RunSpec("shared-a/base-shared", "shared-a", "base-shared", reference="shared-a/non-shared"),
-    RunSpec("shared-a/base-lr-shared", "shared-a", "base-lr-shared", reference="shared-a/non-shared"),
-    RunSpec("forced-a/base-lr-shared", "forced-a", "base-lr-shared", reference="independent/non-shared"),
-    RunSpec("forced-a/non-shared", "forced-a", "non-shared", reference="independent/non-shared"),
+    RunSpec("shared-a/non-shared", "shared-a", Scheme.NON_SHARED),
+    RunSpec("shared-a/full-shared", "shared-a", Scheme.FULL_SHARED, reference="shared-a/non-shared"),
+    RunSpec("shared-a/base-shared", "shared-a", Scheme.BASE_SHARED, reference="shared-a/non-shared"),
+    RunSpec("shared-a/base-lr-shared", "shared-a", Scheme.BASE_LR_SHARED, reference="shared-a/non-shared"),
+    RunSpec("forced-a/base-lr-shared", "forced-a", Scheme.BASE_LR_SHARED, reference="independent/non-shared"),
+    RunSpec("forced-a/non-shared", "forced-a", Scheme.NON_SHARED, reference="independent/non-shared"),
 )
 
 
@@ -363,11 +364,11 @@ CHECKS = (  # (adapter set, --lr-basis): base-lr-shared must refuse independent 
 
 def check_verdict(adapters: dict[str, Path], model_path: str, lr_basis: str) -> dict[str, Any]:
     """`lragent-adapters check` under base-lr-shared: exit code and its report."""
-    cmd = [sys.executable, "-m", "lragent_sglang.adapter_tools", "--no-progress", "check",
+    cmd = [sys.executable, "-m", "lragent_sglang.adapters", "--no-progress", "check",
            *[f"{n}={p}" for n, p in adapters.items()], "--model-path", model_path,
-           "--scheme", "base-lr-shared", "--lr-basis", lr_basis]
+           "--scheme", Scheme.BASE_LR_SHARED, "--lr-basis", lr_basis]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    return {"scheme": "base-lr-shared", "lr_basis": lr_basis, "exit_code": proc.returncode,
+    return {"scheme": Scheme.BASE_LR_SHARED, "lr_basis": lr_basis, "exit_code": proc.returncode,
             "output": (proc.stdout + proc.stderr).strip()}
 
 
@@ -418,7 +419,7 @@ def ratios_to_base_shared(report: dict[str, Any]) -> dict[str, tuple[float, floa
     runs = {k: r for k, r in report["runs"].items() if "error" not in r and r.get("reference")}
     out = {}
     for label, r in runs.items():
-        base = next((b for b in runs.values() if b["scheme"] == "base-shared" and b["reference"] == r["reference"]
+        base = next((b for b in runs.values() if b["scheme"] == Scheme.BASE_SHARED and b["reference"] == r["reference"]
                      and b["adapters"] == base_adapters(r["reference"])), None)
         if base is None or base is r:
             continue
@@ -619,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     if args.model_path is None:
-        from lragent_sglang.models import smollm2_checkpoint
+        from lragent_sglang.agents.models import smollm2_checkpoint
 
         args.model_path = str(smollm2_checkpoint())
     sets = {name: parse_set(pairs) for name, pairs in

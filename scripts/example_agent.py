@@ -32,9 +32,8 @@ import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.interpreter import ProgramState
 
-from lragent_sglang.config import DEFAULT_SCHEME, SCHEMES
-from lragent_sglang.frontend import LRAgentEndpoint, Runtime, fork_roles, join_roles
-from lragent_sglang.tools import (
+from lragent_sglang.agents.frontend import LRAgentEndpoint, Runtime, fork_roles, join_roles
+from lragent_sglang.agents.tools import (
     DEFAULT_DOCS_DIR,
     DocumentStore,
     ToolCall,
@@ -42,6 +41,7 @@ from lragent_sglang.tools import (
     ToolError,
     parse_tool_call,
 )
+from lragent_sglang.scheme import DEFAULT_SCHEME, Scheme
 
 logger = logging.getLogger("example_agent")
 
@@ -203,7 +203,7 @@ def print_result(result: AgentResult) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running server (default: start one)")
-    parser.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
+    parser.add_argument("--scheme", type=Scheme, choices=list(Scheme), default=DEFAULT_SCHEME,
                         help="scheme of the server started here (default: %(default)s)")
     parser.add_argument("--question", action="append",
                         help="a question (repeatable; default: three built-in ones)")

@@ -1,4 +1,4 @@
-"""Write the shipped role dataset data/roles/train.jsonl (deterministic: same file every run).
+"""Write the shipped role dataset lragent_sglang/data/roles/train.jsonl (deterministic: same file every run).
 
 Each question gives three examples, one per role of the example agent, on one shared
 trajectory: plan (a short plan naming the tool), action (one tool call in the
@@ -7,7 +7,7 @@ the tool output and gives the final answer). Questions are arithmetic word probl
 look-ups of facts from data/docs; the facts are copied here so that the data does not
 change when those documents do.
 
-Usage: python scripts/make_role_data.py [--out data/roles/train.jsonl] [--seed 0] [--arithmetic 30]
+Usage: python scripts/make_role_data.py [--out lragent_sglang/data/roles/train.jsonl] [--seed 0] [--arithmetic 30]
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import json
 import logging
 import random
 from pathlib import Path
+
+from lragent_sglang import data_path
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def make_records(seed: int = 0, arithmetic: int = 30) -> list[dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "roles" / "train.jsonl")
+    parser.add_argument("--out", type=Path, default=data_path("roles", "train.jsonl"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arithmetic", type=int, default=30, help="arithmetic questions (plus %d look-ups)" % len(LOOKUPS))
     args = parser.parse_args(argv)

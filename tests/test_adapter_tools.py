@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lragent_sglang.adapter_tools import main
-from lragent_sglang.adapters import make_role_adapters
-from lragent_sglang.joint_basis import joint_basis, truncation
-from lragent_sglang.training import (
+from lragent_sglang import data_path
+from lragent_sglang.adapters.cli import main
+from lragent_sglang.adapters.joint_basis import joint_basis, truncation
+from lragent_sglang.adapters.make import make_role_adapters
+from lragent_sglang.adapters.train import (
     IGNORE_INDEX,
     RoleExample,
     TrainConfig,
@@ -87,7 +88,7 @@ def test_truncation_energy_grows_with_k_and_is_exact_at_full_width():
 def test_shipped_role_data_is_what_the_generator_writes(tmp_path):
     out = tmp_path / "train.jsonl"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_role_data.py"), "--out", str(out)], check=True)
-    shipped = REPO / "data" / "roles" / "train.jsonl"
+    shipped = data_path("roles", "train.jsonl")
     assert out.read_bytes() == shipped.read_bytes()
     examples = load_examples(shipped)
     assert 60 <= len(examples) <= 150

@@ -8,15 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lragent_sglang.adapter_check import AdapterError, read_adapter
-from lragent_sglang.adapters import LlamaShapes, make_role_adapters
+from lragent_sglang.adapters.check import read_adapter
+from lragent_sglang.adapters.io import AdapterError, ModelShapes
+from lragent_sglang.adapters.make import make_role_adapters
 
 V_A = "base_model.model.model.layers.{}.self_attn.v_proj.lora_A.weight"
 Q_A = "base_model.model.model.layers.{}.self_attn.q_proj.lora_A.weight"
 
 
 def test_shapes_follow_the_checkpoint(smollm2, role_adapters):
-    shapes = LlamaShapes.from_checkpoint(smollm2)
+    shapes = ModelShapes.from_checkpoint(smollm2)
     assert (shapes.num_heads, shapes.num_kv_heads, shapes.head_dim) == (9, 3, 64)
     w = load_file(str(role_adapters["plan"] / "adapter_model.safetensors"))
     assert len(w) == shapes.num_layers * 2 * 2

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench_trace import kv_bytes_written, paper_trace  # noqa: E402
+from bench_trace import kv_bytes_written, paper_trace
 
 
 def state(computed: int, reprefill: int, lr_tokens: int = 0) -> dict:
@@ -81,3 +77,5 @@ def test_every_server_runs_every_cell_of_the_grid(monkeypatch, tmp_path) -> None
         assert cell["runs"]["base-shared"]["in_flight"] == cell["in_flight"]
         assert cell["runs"]["no-adapters"]["roles"] is False and cell["runs"]["non-shared"]["roles"] is True
     assert len(flushed) == 4 * 6, "every run starts from an empty cache"
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

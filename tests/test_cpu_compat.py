@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lragent_sglang import cpu_compat
+from lragent_sglang.server import cpu_compat
 
 
 def test_assign_req_to_token_pool_cpu_writes_each_row():
@@ -56,23 +56,28 @@ def test_wanted_follows_env_flag_then_hardware(monkeypatch, flag, expected):
     assert cpu_compat.wanted() is expected
 
 
-def test_unpinned_torch_drops_pin_memory_only():
-    proxy = cpu_compat._UnpinnedTorch()
-    t = proxy.tensor([1, 2], dtype=torch.int32, device="cpu", pin_memory=True)
+def test_disable_pinning_covers_the_whole_process(monkeypatch):
+    """xgrammar's token bitmask and SGLang's LoRA buffers ask torch for pinned memory."""
+    for name in cpu_compat.PINNING_FACTORIES:
+        monkeypatch.setattr(torch, name, getattr(torch, name))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", torch.Tensor.pin_memory)
+    cpu_compat.disable_pinning()
+    cpu_compat.disable_pinning()  # idempotent: no wrapper around a wrapper
+    t = torch.tensor([1, 2], dtype=torch.int32, device="cpu", pin_memory=True)
     assert t.tolist() == [1, 2] and t.dtype == torch.int32
-    z = proxy.zeros((3,), dtype=torch.int32, pin_memory=True)
-    assert z.shape == (3,)
-    assert proxy.Tensor is torch.Tensor
-    assert proxy.cumsum is torch.cumsum
+    assert torch.full((2, 3), -1, dtype=torch.int32, pin_memory=True).shape == (2, 3)
+    x = torch.zeros((3,), pin_memory=True)
+    assert x.pin_memory() is x
+    assert torch.full.__wrapped__ is not None and not hasattr(torch.full.__wrapped__, "lragent_unpinned")
 
 
 def test_support_triton_hook_only_changes_our_backend():
     def original(backend: str) -> bool:
         return backend != "torch_native"
 
-    assert cpu_compat._support_triton(original, "lragent") is False
-    assert cpu_compat._support_triton(original, "triton") is True
-    assert cpu_compat._support_triton(original, "torch_native") is False
+    assert cpu_compat.support_triton(original, "lragent") is False
+    assert cpu_compat.support_triton(original, "triton") is True
+    assert cpu_compat.support_triton(original, "torch_native") is False
 
 
 def test_apply_vocab_mask_masks_cpu_logits():
@@ -80,6 +85,6 @@ def test_apply_vocab_mask_masks_cpu_logits():
     mask = torch.zeros(2, 2, dtype=torch.int32)
     mask[0, 0] = 0b101  # row 0: tokens 0 and 2 allowed
     mask[1, 1] = 1  # row 1: token 32 allowed
-    cpu_compat._apply_vocab_mask(lambda *a: pytest.fail("CUDA path taken"), logits, mask)
+    cpu_compat.apply_vocab_mask(lambda *a: pytest.fail("CUDA path taken"), logits, mask)
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [0, 2]
     assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [32]

@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterator
 import pytest
 import requests
 
-from lragent_sglang import dashboard, metrics
-from lragent_sglang.adapters import make_role_adapters
-from lragent_sglang.server_process import ServerProcess
+from lragent_sglang.server import dashboard, metrics
+from lragent_sglang.adapters.make import make_role_adapters
+from lragent_sglang.agents.server_process import ServerProcess
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 ADAPTER_PANELS = {"base_hit_rate", "lr_hit_rate", "lr_reprefill", "computed", "adapter_table"}

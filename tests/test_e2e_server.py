@@ -7,14 +7,11 @@ tested in test_schemes.py.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import requests
 import torch
 
-from lragent_sglang.server_process import ServerProcess
+from lragent_sglang.agents.server_process import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -25,28 +22,6 @@ PROMPTS = [
     "Reflect on the last answer and say what went wrong.",
 ]
 NEW_TOKENS = 16
-
-
-def hf_greedy(model_path, adapter_dir, prompts: list[str], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    """Float32 greedy continuations from transformers (+ peft when an adapter is given)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    outs = []
-    for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id,
-            )
-        outs.append(gen[0, ids.shape[1]:].tolist())
-    return outs
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +47,8 @@ def server_greedy(server, prompts: list[str], lora: str | None) -> list[list[int
 
 
 @pytest.mark.parametrize("role", [None, "plan", "action", "reflect"])
-def test_greedy_matches_hf_peft(server, smollm2, role_adapters, role):
-    expected = hf_greedy(smollm2, role_adapters.get(role), PROMPTS)
+def test_greedy_matches_hf_peft(server, smollm2, role_adapters, role, hf_greedy):
+    expected = hf_greedy(smollm2, role_adapters.get(role), PROMPTS, NEW_TOKENS)
     assert server_greedy(server, PROMPTS, role) == expected
 
 
@@ -112,34 +87,19 @@ def test_unknown_adapter_is_rejected_and_server_keeps_serving(server):
     assert server_greedy(server, PROMPTS[:1], "plan")
 
 
-def run_launcher(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lragent_sglang.launch_server", *args],
-        capture_output=True, text=True, timeout=300,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    for needle in needles:
-        assert needle in last, last
-
-
-def test_bad_scheme_is_one_line_error(smollm2):
+def test_bad_scheme_is_one_line_error(smollm2, run_launcher, assert_one_line_error):
     proc = run_launcher(["--model-path", str(smollm2), "--lragent-scheme", "half-shared"])
     assert_one_line_error(proc, "--lragent-scheme", "half-shared")
 
 
-def test_missing_adapter_path_is_one_line_error(smollm2, tmp_path):
+def test_missing_adapter_path_is_one_line_error(smollm2, tmp_path, run_launcher, assert_one_line_error):
     missing = tmp_path / "no-such-adapter"
     proc = run_launcher(["--model-path", str(smollm2), "--enable-lora", "--lora-paths", f"plan={missing}"])
     assert_one_line_error(proc, "'plan'", str(missing))
 
 
-def test_unknown_target_module_is_one_line_error(smollm2, tmp_path):
-    from lragent_sglang.adapters import make_role_adapters
+def test_unknown_target_module_is_one_line_error(smollm2, tmp_path, run_launcher, assert_one_line_error):
+    from lragent_sglang.adapters.make import make_role_adapters
 
     path = make_role_adapters(smollm2, tmp_path, roles=("odd",), target_modules=("q_proj",))["odd"]
     cfg = (path / "adapter_config.json").read_text().replace('"q_proj"', '"c_attn"')
@@ -148,7 +108,7 @@ def test_unknown_target_module_is_one_line_error(smollm2, tmp_path):
     assert_one_line_error(proc, "'odd'", "'c_attn'")
 
 
-def test_stock_sglang_launcher_starts_with_our_backends(smollm2, role_adapters):
+def test_stock_sglang_launcher_starts_with_our_backends(smollm2, role_adapters, hf_greedy):
     """`python -m sglang.launch_server --attention-backend lragent --radix-cache-backend
     lragent` works through the plugin entry point alone (CPU patches included)."""
     args = [
@@ -164,5 +124,5 @@ def test_stock_sglang_launcher_starts_with_our_backends(smollm2, role_adapters):
             sampling_params={"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
         )
         stats = requests.get(srv.url + "/server_info", timeout=30).json()["internal_states"][0]["lragent"]
-    assert out["output_ids"] == hf_greedy(smollm2, role_adapters["plan"], PROMPTS[2:3])[0]
+    assert out["output_ids"] == hf_greedy(smollm2, role_adapters["plan"], PROMPTS[2:3], NEW_TOKENS)[0]
     assert stats["scheme"] == "base-lr-shared" and stats["lr"]["tokens"] > 0

@@ -7,16 +7,15 @@ end to end on tiny settings."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import eval_fidelity
 import numpy as np
 import pytest
 import torch
 
-from lragent_sglang.fidelity import (
+from lragent_sglang.eval.fidelity import (
     ChatFrame,
     TopLogprobs,
     WriterTrie,
@@ -29,17 +28,7 @@ from lragent_sglang.fidelity import (
     top_logprobs_from_meta,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 50
-
-
-def load_script():
-    path = ROOT / "scripts" / "eval_fidelity.py"
-    spec = importlib.util.spec_from_file_location("eval_fidelity", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_fidelity"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def random_logprobs(rng: np.random.Generator, n: int, scale: float = 3.0) -> np.ndarray:
@@ -257,14 +246,13 @@ def test_chat_frame_rebuilds_the_template():
 
 
 def test_episode_prompts_grow_by_appending_the_reference_generations():
-    ef = load_script()
     tok = FakeTokenizer()
     frame = ChatFrame.from_tokenizer(tok, "S")
-    ep = ef.Episode("What is 6 * 7?", ["plan", "action", "reflect", "plan"])
+    ep = eval_fidelity.Episode("What is 6 * 7?", ["plan", "action", "reflect", "plan"])
     gens = {"plan": "use the calculator", "action": "TOOL: calculator(6 * 7)", "reflect": "yes"}
     continued, prompts = [], []
     stop = 0
-    for role, prompt in ef.episode_requests(ep, frame, tok, ef.Toolbox(), continued):
+    for role, prompt in eval_fidelity.episode_requests(ep, frame, tok, eval_fidelity.Toolbox(), continued):
         prompts.append(prompt)
         continued.append((tok(gens[role])["input_ids"] + [stop], {"type": "stop", "matched": stop}))
     assert len(prompts) == 4
@@ -280,10 +268,9 @@ def test_script_end_to_end_on_tiny_settings(smollm2, role_adapters, tmp_path):
     """Reference and base-shared on one short episode, plus Table 1: the script runs, the
     later roles read KV the plan role wrote, and a role that reads nobody else's KV
     matches non-shared to rounding."""
-    ef = load_script()
     pairs = [f"{n}={p}" for n, p in role_adapters.items()]
     out = tmp_path / "fidelity.json"
-    rc = ef.main(["--model-path", str(smollm2), "--adapters", *pairs, "--runs", "independent/base-shared",
+    rc = eval_fidelity.main(["--model-path", str(smollm2), "--adapters", *pairs, "--runs", "independent/base-shared",
                   "--episodes", "1", "--rounds", "1", "--max-new-tokens", "4", "--work-dir", str(tmp_path),
                   "--out", str(out)])
     assert rc == 0
@@ -300,7 +287,7 @@ def test_script_end_to_end_on_tiny_settings(smollm2, role_adapters, tmp_path):
 
 
 def test_paired_ratio_ci():
-    from lragent_sglang.fidelity import paired_ratio_ci
+    from lragent_sglang.eval.fidelity import paired_ratio_ci
 
     ratio, lo, hi = paired_ratio_ci([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
     assert (ratio, lo, hi) == pytest.approx((2.0, 2.0, 2.0))  # a constant ratio has no spread

@@ -8,17 +8,16 @@ the payloads the endpoint sends. The tool tests need no server.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
+import example_agent
 import pytest
 import requests
 import sglang as sgl
 import sglang.lang.backend.runtime_endpoint as runtime_endpoint
 
-from lragent_sglang.frontend import (
+from lragent_sglang.agents.frontend import (
     Runtime,
     _server_flags,
     adapter_of,
@@ -28,7 +27,7 @@ from lragent_sglang.frontend import (
     set_adapter,
     with_adapter,
 )
-from lragent_sglang.tools import (
+from lragent_sglang.agents.tools import (
     DEFAULT_DOCS_DIR,
     DocumentStore,
     ToolCall,
@@ -48,18 +47,6 @@ GREEDY = {"max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
 def on_server(test):
     """Marks a test that talks to the shared real server."""
     return pytest.mark.e2e(pytest.mark.slow(test))
-
-
-def load_example_agent():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "example_agent.py"
-    spec = importlib.util.spec_from_file_location("example_agent", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["example_agent"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-example_agent = load_example_agent()
 
 
 @pytest.fixture(scope="module")

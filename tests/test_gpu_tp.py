@@ -7,17 +7,14 @@ Llama small enough to start in seconds, with 8 query / 2 kv heads so each rank h
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from make_random_llama import PRESETS, write_checkpoint
 
-from lragent_sglang.adapters import make_role_adapters
-from lragent_sglang.server_process import ServerProcess
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_random_llama import PRESETS, write_checkpoint  # noqa: E402
+from lragent_sglang.adapters.make import make_role_adapters
+from lragent_sglang.agents.server_process import ServerProcess
 
 pytestmark = [
     pytest.mark.gpu,

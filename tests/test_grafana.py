@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from lragent_sglang import dashboard, metrics
+from lragent_sglang.server import dashboard, metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "grafana-lragent.json"
 METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+")

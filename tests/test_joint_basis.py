@@ -16,8 +16,8 @@ import requests
 import torch
 from safetensors.torch import load_file, save_file
 
-from lragent_sglang.adapters import make_role_adapters
-from lragent_sglang.joint_basis import (
+from lragent_sglang.adapters.make import make_role_adapters
+from lragent_sglang.adapters.joint_basis import (
     OutsideJointBasis,
     SharedAMismatch,
     coefficients,
@@ -25,7 +25,7 @@ from lragent_sglang.joint_basis import (
     joint_group,
     shared_a_group,
 )
-from lragent_sglang.server_process import ServerProcess
+from lragent_sglang.agents.server_process import ServerProcess
 
 RANK, HIDDEN, OUT, LAYERS = 8, 64, 48, 3
 
@@ -143,9 +143,7 @@ def adapter_with_new_b(src, dst, seed: int):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_joint_server_single_adapter_equals_unshared_model(joint_server, smollm2, independent):
-    from test_e2e_server import hf_greedy
-
+def test_joint_server_single_adapter_equals_unshared_model(joint_server, smollm2, independent, hf_greedy):
     assert "x 24 wide" in joint_server.log_path.read_text(), "LR width must be the joint basis's (3 x r=8)"
     for role, prompts in SINGLE.items():
         got = [greedy(joint_server, p, role) for p in prompts]
@@ -154,11 +152,10 @@ def test_joint_server_single_adapter_equals_unshared_model(joint_server, smollm2
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_joint_server_roles_over_a_shared_prefix_reprefill_nothing(joint_server):
-    from test_schemes import TRACE, run_trace
-
-    stats = run_trace(joint_server, seed=1, roles=True, forced=None)["stats"]
-    assert {role for role, _, _ in TRACE} == {"plan", "action", "reflect"}
+def test_joint_server_roles_over_a_shared_prefix_reprefill_nothing(joint_server, run_trace):
+    trace = run_trace(joint_server, seed=1, roles=True, forced=None)
+    stats = trace["stats"]
+    assert trace["roles"] == {"plan", "action", "reflect"}
     assert stats["lr_gap_tokens"] == 0
     assert stats["lr_hit_tokens"] == stats["base_hit_tokens"]
     assert stats["base_hit_tokens"] > stats["requested_tokens"] / 2
@@ -166,9 +163,7 @@ def test_joint_server_roles_over_a_shared_prefix_reprefill_nothing(joint_server)
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_joint_server_refuses_an_adapter_outside_its_basis(joint_server, smollm2, independent, tmp_path):
-    from test_e2e_server import hf_greedy
-
+def test_joint_server_refuses_an_adapter_outside_its_basis(joint_server, smollm2, independent, tmp_path, hf_greedy):
     stranger = make_role_adapters(smollm2, tmp_path / "s", roles=("stranger",), seed=7)["stranger"]
     resp = requests.post(joint_server.url + "/load_lora_adapter",
                          json={"lora_name": "stranger", "lora_path": str(stranger)}, timeout=120)

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lragent_sglang.config import ConfigError, check_lr_basis, check_scheme, lr_basis_from_env, scheme_from_env
-from lragent_sglang.adapter_check import lora_pairs
-from lragent_sglang.launch_server import build_parser, check_adapters, set_lragent_env, with_defaults
+from lragent_sglang.adapters.io import lora_pairs
+from lragent_sglang.scheme import ConfigError, LRBasis, Scheme, check_lr_basis
+from lragent_sglang.server.config import LRAgentConfig
+from lragent_sglang.server.launch_server import build_parser, check_adapters, lragent_config, with_defaults
 
 
 def test_with_defaults_selects_our_backends_and_keeps_user_values():
@@ -39,28 +40,38 @@ def test_lora_pairs_accepts_every_form():
     assert lora_pairs(None) == []
 
 
-def test_scheme_flag_and_env(monkeypatch):
+def test_scheme_flag_and_env():
     ours, rest = build_parser().parse_known_args(["--lragent-scheme", "full-shared", "--tp-size", "2"])
     assert ours.lragent_scheme == "full-shared" and rest == ["--tp-size", "2"]
-    monkeypatch.setenv("LRAGENT_SCHEME", "base-shared")
-    assert scheme_from_env() == "base-shared"
-    monkeypatch.setenv("LRAGENT_SCHEME", "everything")
+    assert LRAgentConfig.from_env({"LRAGENT_SCHEME": "base-shared"}).scheme is Scheme.BASE_SHARED
+    assert LRAgentConfig.from_env({}) == LRAgentConfig(Scheme.BASE_LR_SHARED, LRBasis.SHARED_A)
     with pytest.raises(ConfigError, match="everything"):
-        scheme_from_env()
+        LRAgentConfig.from_env({"LRAGENT_SCHEME": "everything"})
     with pytest.raises(ConfigError, match="non-shared"):
-        check_scheme("nonshared")
+        Scheme.parse("nonshared")
 
 
-def test_lr_basis_flag_env_and_scheme_check(monkeypatch):
+def test_lr_basis_flag_env_and_scheme_check():
     ours, _ = build_parser().parse_known_args(["--lragent-scheme", "base-lr-shared", "--lragent-lr-basis", "joint"])
     assert ours.lragent_lr_basis == "joint"
     assert build_parser().parse_known_args([])[0].lragent_lr_basis == "shared-a"
-    assert check_lr_basis("joint", "base-lr-shared") == "joint"
+    assert check_lr_basis(LRBasis.JOINT, Scheme.BASE_LR_SHARED) is LRBasis.JOINT
     with pytest.raises(ConfigError, match="base-lr-shared.*base-shared"):
-        check_lr_basis("joint", "base-shared")
-    monkeypatch.setenv("LRAGENT_LR_BASIS", "diagonal")
+        check_lr_basis(LRBasis.JOINT, Scheme.BASE_SHARED)
     with pytest.raises(ConfigError, match="diagonal"):
-        lr_basis_from_env("base-lr-shared")
+        LRAgentConfig.from_env({"LRAGENT_LR_BASIS": "diagonal"})
+    with pytest.raises(ConfigError, match="joint.*non-shared"):
+        LRAgentConfig.from_env({"LRAGENT_SCHEME": "non-shared", "LRAGENT_LR_BASIS": "joint"})
+
+
+def test_scheme_properties_define_each_scheme():
+    table = {s: (s.keys_by_adapter, s.shares_base, s.one_lr_cache) for s in Scheme}
+    assert table == {
+        Scheme.NON_SHARED: (True, False, False),
+        Scheme.FULL_SHARED: (False, False, False),
+        Scheme.BASE_SHARED: (False, True, False),
+        Scheme.BASE_LR_SHARED: (False, True, True),
+    }
 
 
 def launcher_error(capsys, fn, *args) -> str:
@@ -75,14 +86,14 @@ def test_joint_basis_with_another_scheme_is_refused(capsys, monkeypatch):
     monkeypatch.delenv("LRAGENT_SCHEME", raising=False)
     parser = build_parser()
     ours, _ = parser.parse_known_args(["--lragent-scheme", "non-shared", "--lragent-lr-basis", "joint"])
-    msg = launcher_error(capsys, set_lragent_env, parser, ours)
+    msg = launcher_error(capsys, lragent_config, parser, ours)
     assert "--lragent-lr-basis joint" in msg and "non-shared" in msg
     assert "LRAGENT_SCHEME" not in os.environ
 
 
 @pytest.fixture(scope="module")
 def independent(smollm2, tmp_path_factory):
-    from lragent_sglang.adapters import make_role_adapters
+    from lragent_sglang.adapters.make import make_role_adapters
 
     return make_role_adapters(smollm2, tmp_path_factory.mktemp("ind"), roles=("plan", "action"))
 
@@ -94,24 +105,23 @@ def server_args(smollm2, adapters: dict | None) -> SimpleNamespace:
 
 def test_shared_a_default_refuses_independent_adapters_and_suggests_joint(capsys, smollm2, independent):
     parser = build_parser()
-    ours, _ = parser.parse_known_args(["--lragent-scheme", "base-lr-shared"])
-    msg = launcher_error(capsys, check_adapters, parser, ours, server_args(smollm2, independent))
+    shared_a = LRAgentConfig(Scheme.BASE_LR_SHARED)
+    msg = launcher_error(capsys, check_adapters, parser, shared_a, server_args(smollm2, independent))
     assert "'plan'" in msg and "'action'" in msg and "v_proj A" in msg and "--lragent-lr-basis joint" in msg
-    ours, _ = parser.parse_known_args(["--lragent-scheme", "base-lr-shared", "--lragent-lr-basis", "joint"])
+    joint = LRAgentConfig(Scheme.BASE_LR_SHARED, LRBasis.JOINT)
     args = server_args(smollm2, independent)
-    check_adapters(parser, ours, args)
+    check_adapters(parser, joint, args)
     assert args.max_lora_rank == 8
-    msg = launcher_error(capsys, check_adapters, parser, ours, server_args(smollm2, None))
+    msg = launcher_error(capsys, check_adapters, parser, joint, server_args(smollm2, None))
     assert "--lragent-lr-basis joint" in msg and "--lora-paths" in msg
 
 
 def test_launcher_refuses_adapters_sglang_would_serve_differently(capsys, smollm2, tmp_path):
-    from lragent_sglang.adapters import make_role_adapters
+    from lragent_sglang.adapters.make import make_role_adapters
 
     path = make_role_adapters(smollm2, tmp_path, roles=("rs",))["rs"]
     cfg = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
-    parser = build_parser()
-    ours, _ = parser.parse_known_args(["--lragent-scheme", "non-shared"])
-    msg = launcher_error(capsys, check_adapters, parser, ours, server_args(smollm2, {"rs": path}))
+    msg = launcher_error(capsys, check_adapters, build_parser(), LRAgentConfig(Scheme.NON_SHARED),
+                         server_args(smollm2, {"rs": path}))
     assert "'rs'" in msg and "rsLoRA" in msg

@@ -14,9 +14,11 @@ import pytest
 import requests
 import torch
 
-from lragent_sglang import metrics, stats
-from lragent_sglang.adapters import make_role_adapters
-from lragent_sglang.server_process import ServerProcess
+from lragent_sglang.scheme import Scheme
+from lragent_sglang.server import metrics, stats
+from lragent_sglang.server.request import RequestState
+from lragent_sglang.adapters.make import make_role_adapters
+from lragent_sglang.agents.server_process import ServerProcess
 
 
 class FakeMetric:
@@ -56,21 +58,20 @@ def snapshot(per_adapter: dict[str | None, dict[str, int]], per_key: dict[str, d
     }
 
 
-def exporter_for(cache: SimpleNamespace, lora_ids: dict[str, str], rank: int = 0) -> metrics.LRAgentMetrics:
+def exporter_for(cache: SimpleNamespace, lora_ids: dict[str, str], scheme: Scheme, rank: int = 0) -> metrics.LRAgentMetrics:
     scheduler = SimpleNamespace(
         tree_cache=cache,
         server_args=SimpleNamespace(lora_paths=[SimpleNamespace(lora_id=i, lora_name=n) for i, n in lora_ids.items()]),
         tp_worker=SimpleNamespace(model_runner=None),
     )
     collector = SimpleNamespace(labels={"unit_rank": rank}, _counter_cls=FakeMetric, _gauge_cls=FakeMetric)
-    return metrics.LRAgentMetrics(scheduler, collector)
+    return metrics.LRAgentMetrics(scheduler, collector, scheme)
 
 
-def test_counters_follow_deltas_and_resets(monkeypatch):
-    monkeypatch.setenv("LRAGENT_SCHEME", "base-lr-shared")
+def test_counters_follow_deltas_and_resets():
     cache = SimpleNamespace(snap=None)
     cache.stats = lambda: cache.snap
-    exporter = exporter_for(cache, {"id-plan": "plan", "id-act": "action"})
+    exporter = exporter_for(cache, {"id-plan": "plan", "id-act": "action"}, Scheme.BASE_LR_SHARED)
     fams = exporter.fams
     reprefill = fams.adapter_counters["lr_reprefill_tokens"]
     prompt = fams.adapter_counters["prompt_tokens"]
@@ -98,12 +99,11 @@ def test_counters_follow_deltas_and_resets(monkeypatch):
     assert reprefill.values[("0", "plan")] == 11
 
 
-def test_adapter_and_lr_key_of_one_name_stay_apart(monkeypatch):
+def test_adapter_and_lr_key_of_one_name_stay_apart():
     """In base-shared an adapter's LR key has the adapter's name: separate delta bookkeeping."""
-    monkeypatch.setenv("LRAGENT_SCHEME", "base-shared")
     cache = SimpleNamespace(snap=snapshot({"id-plan": {}}, {"id-plan": {"lr_evicted_tokens": 6}}))
     cache.stats = lambda: cache.snap
-    exporter = exporter_for(cache, {"id-plan": "plan"}, rank=2)
+    exporter = exporter_for(cache, {"id-plan": "plan"}, Scheme.BASE_SHARED, rank=2)
     exporter.update()
     cache.snap = snapshot({"id-plan": {"requests": 1}}, {"id-plan": {"lr_evicted_tokens": 6}})
     exporter.update()
@@ -111,8 +111,7 @@ def test_adapter_and_lr_key_of_one_name_stay_apart(monkeypatch):
     assert exporter.fams.adapter_counters["requests"].values[("2", "plan")] == 1
 
 
-def test_stock_cache_exports_adapters_and_base_only(monkeypatch):
-    monkeypatch.setenv("LRAGENT_SCHEME", "non-shared")
+def test_stock_cache_exports_adapters_and_base_only():
     counted = stats.StockCacheStats()
     counted.adapters.record("id-plan", 10, 4, 4)
     counted.evicted_tokens = 3
@@ -121,7 +120,7 @@ def test_stock_cache_exports_adapters_and_base_only(monkeypatch):
         evictable_size=lambda: 6, protected_size=lambda: 2, lragent_stats=counted,
         token_to_kv_pool_allocator=SimpleNamespace(get_kvcache=lambda: kv),
     )
-    exporter = exporter_for(cache, {"id-plan": "plan"}, rank=3)
+    exporter = exporter_for(cache, {"id-plan": "plan"}, Scheme.NON_SHARED, rank=3)
     exporter.update()
     fams = exporter.fams
     assert fams.adapter_counters["computed_tokens"].values[("3", "plan")] == 6
@@ -142,17 +141,16 @@ def test_adapter_stats_arithmetic():
 
 
 def test_first_look_counts_once_and_skips_health_checks():
-    req = SimpleNamespace(rid="abc")
+    req = SimpleNamespace(rid="abc", lragent=RequestState())
     assert stats.first_look(req) and not stats.first_look(req)
-    assert not stats.first_look(SimpleNamespace(rid="HEALTH_CHECK_1"))
+    assert not stats.first_look(SimpleNamespace(rid="HEALTH_CHECK_1", lragent=RequestState()))
     assert not stats.first_look(None)
 
 
-def test_update_failure_does_not_raise(monkeypatch):
-    monkeypatch.setenv("LRAGENT_SCHEME", "base-shared")
+def test_update_failure_does_not_raise():
     scheduler = SimpleNamespace(tree_cache=SimpleNamespace(stats=lambda: {"per_lr_key": {}}))
     collector = SimpleNamespace(labels={"unit_rank": 1}, _counter_cls=FakeMetric, _gauge_cls=FakeMetric)
-    exporter = metrics.LRAgentMetrics(scheduler, collector)
+    exporter = metrics.LRAgentMetrics(scheduler, collector, Scheme.BASE_SHARED)
     exporter.safe_update()
     assert exporter.failed
 

@@ -9,37 +9,23 @@ step); the trace without adapters; malformed requests.
 
 from __future__ import annotations
 
-import random
 import threading
 
 import pytest
 import requests
 
-from lragent_sglang.adapters import make_role_adapters
-from lragent_sglang.server_process import ServerProcess
-from test_e2e_server import hf_greedy, run_launcher, assert_one_line_error
+from lragent_sglang.adapters.make import make_role_adapters
+from lragent_sglang.agents.server_process import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SCHEMES = ("non-shared", "full-shared", "base-shared", "base-lr-shared")
-# (role, new prompt tokens, generated tokens): the paper's trace, shrunk for a CPU.
-TRACE = (
-    ("plan", 64, 4), ("plan", 8, 4), ("action", 8, 4),
-    ("plan", 48, 4), ("plan", 8, 4), ("action", 8, 4),
-    ("plan", 48, 4), ("plan", 8, 4), ("action", 8, 4),
-    ("reflect", 16, 4), ("reflect", 8, 4),
-)
 # One adapter (or none) per prompt family: then the first writer is the reader itself.
 SINGLE = {
     "plan": ["Zebras in the savanna", "Zebras in the savanna graze at dawn while lions"],
     None: ["Quokkas on the island", "Quokkas on the island smile at every visitor who"],
 }
 NEW = 12
-VOCAB = (1000, 40000)
-
-
-def random_tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(*VOCAB) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -67,32 +53,8 @@ def lragent_stats(srv: ServerProcess) -> dict:
     return requests.get(srv.url + "/lragent/stats", timeout=30).json()["schedulers"][0]
 
 
-def stat_sum(stats: dict, field: str) -> int:
-    return sum(v[field] for v in stats.get("per_lr_key", {}).values())
-
-
-def run_trace(srv: ServerProcess, seed: int, roles: bool, forced: list[list[int]] | None) -> dict:
-    """Run TRACE; with `forced`, each step's generation appended to the trajectory is the
-    forced one (the non-shared run's), so every scheme sees the same prompts."""
-    rng = random.Random(seed)
-    traj: list[int] = []
-    outs, cached, prompt = [], 0, 0
-    before = lragent_stats(srv)
-    for step, (role, n_new, n_gen) in enumerate(TRACE):
-        traj += random_tokens(rng, n_new)
-        out = gen(srv, traj, role if roles else None, n_gen)
-        outs.append(out["output_ids"])
-        cached += out["meta_info"]["cached_tokens"]
-        prompt += out["meta_info"]["prompt_tokens"]
-        traj += forced[step] if forced else out["output_ids"]
-    after = lragent_stats(srv)
-    delta = {f: stat_sum(after, f) - stat_sum(before, f)
-             for f in ("requested_tokens", "base_hit_tokens", "lr_hit_tokens", "lr_gap_tokens")}
-    return {"outputs": outs, "cached": cached, "prompt": prompt, "stats": delta}
-
-
 @pytest.fixture(scope="module")
-def runs(smollm2, adapters, tokenizer_ids):
+def runs(smollm2, adapters, tokenizer_ids, run_trace):
     results: dict[str, dict] = {}
     forced = None
     for scheme in SCHEMES:
@@ -119,7 +81,7 @@ def tokenizer_ids(smollm2):
 
 
 @pytest.fixture(scope="module")
-def hf_single(smollm2, adapters):
+def hf_single(smollm2, adapters, hf_greedy):
     return {role: hf_greedy(smollm2, adapters[role] if role else None, prompts, NEW)
             for role, prompts in SINGLE.items()}
 
@@ -182,7 +144,7 @@ def test_base_lr_shared_reprefills_nothing(runs):
     roles = runs["base-lr-shared"]["roles"]
     assert roles["stats"]["lr_gap_tokens"] == 0
     assert roles["stats"]["lr_hit_tokens"] == roles["stats"]["base_hit_tokens"]
-    assert roles["cached"] >= roles["stats"]["base_hit_tokens"] - len(TRACE)
+    assert roles["cached"] >= roles["stats"]["base_hit_tokens"] - len(roles["outputs"])
 
 
 def divergence(a: list[list[int]], b: list[list[int]]) -> int:
@@ -201,7 +163,7 @@ def test_malformed_requests_get_client_errors(runs, scheme):
     assert all(400 <= code < 500 for code in runs[scheme]["bad"]), runs[scheme]["bad"]
 
 
-def test_tiny_pool_completes_and_leaks_nothing(smollm2, adapters):
+def test_tiny_pool_completes_and_leaks_nothing(smollm2, adapters, run_trace):
     args = server_args(smollm2, adapters, "base-shared", "--max-total-tokens", "700")
     with ServerProcess(args) as srv:
         errors: list[BaseException] = []
@@ -228,7 +190,7 @@ def test_tiny_pool_completes_and_leaks_nothing(smollm2, adapters):
     assert stats["lr_pool_available"] == stats["lr_pool_size"]
 
 
-def test_scheme_input_errors_are_one_line(smollm2, tmp_path):
+def test_scheme_input_errors_are_one_line(smollm2, tmp_path, run_launcher, assert_one_line_error):
     independent = make_role_adapters(smollm2, tmp_path / "ind", roles=("plan", "action"))
     lora = ["--enable-lora", "--lora-paths", *[f"{r}={p}" for r, p in independent.items()]]
     proc = run_launcher(["--model-path", str(smollm2), *lora, "--lragent-scheme", "base-lr-shared"])

@@ -1,32 +1,34 @@
-"""Check LoRA adapters against a model before the server loads them.
+"""Check LoRA adapters against a model and a sharing scheme before the server loads them.
 
 SGLang reports a missing adapter or an unknown target module from deep inside the
-scheduler process; these checks run first and fail with one line naming the adapter.
+scheduler process; these checks run first (in our launcher, and in `lragent-adapters
+check`) and fail with one line naming the adapter.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from lragent_sglang.adapters import LlamaShapes
-from lragent_sglang.config import DEFAULT_LR_BASIS
-from lragent_sglang.joint_basis import same_a
+from lragent_sglang.adapters.io import (
+    WEIGHT_FILES,
+    AdapterError,
+    ModelShapes,
+    adapter_tensors,
+    lora_matrices,
+    lora_modules,
+    lora_pairs,
+    v_proj_a,
+)
+from lragent_sglang.adapters.joint_basis import same_a
+from lragent_sglang.scheme import DEFAULT_LR_BASIS, LRBasis, Scheme
 
 logger = logging.getLogger(__name__)
 
 # SGLang fuses projections under these names; PEFT adapters may target either spelling.
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be served; the message names it and the problem."""
 
 
 @dataclass(frozen=True)
@@ -40,33 +42,7 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
 
 
-def lora_pairs(lora_paths: object) -> list[tuple[str, str]]:
-    """(name, path) of each `--lora-paths` entry, in any form SGLang accepts."""
-    if isinstance(lora_paths, dict):
-        return [(str(k), str(v)) for k, v in lora_paths.items()]
-    pairs = []
-    for item in lora_paths or []:
-        if isinstance(item, str):
-            name, _, path = item.partition("=")
-            pairs.append((name, path or name))
-        elif isinstance(item, dict):
-            pairs.append((item.get("lora_name", "?"), item.get("lora_path", "")))
-        else:
-            pairs.append((item.lora_name, item.lora_path))
-    return pairs
-
-
-def max_rank(lora_paths: object) -> int:
-    """The largest rank among the `--lora-paths` adapters (0 without adapters)."""
-    ranks = [
-        int(json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 0))
-        for _, path in lora_pairs(lora_paths)
-        if (Path(path) / "adapter_config.json").is_file()
-    ]
-    return max(ranks, default=0)
-
-
-def _targets(raw: object, shapes: LlamaShapes) -> tuple[str, ...]:
+def _targets(raw: object) -> tuple[str, ...]:
     if raw == "all-linear":
         return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     if isinstance(raw, str):
@@ -85,16 +61,16 @@ def read_adapter(name: str, path: str | Path, model_path: str | Path) -> Adapter
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise AdapterError(f"adapter {name!r}: {str(path)!r} has no adapter_config.json")
-    if not any((path / f).is_file() for f in _WEIGHT_FILES):
-        raise AdapterError(f"adapter {name!r}: {str(path)!r} has no {' or '.join(_WEIGHT_FILES)}")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise AdapterError(f"adapter {name!r}: {str(path)!r} has no {' or '.join(WEIGHT_FILES)}")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON ({exc})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    shapes = LlamaShapes.from_checkpoint(Path(model_path))
-    modules = _targets(cfg.get("target_modules"), shapes)
+    shapes = ModelShapes.from_checkpoint(model_path)
+    modules = _targets(cfg.get("target_modules"))
     if not modules:
         raise AdapterError(f"adapter {name!r}: adapter_config.json names no target_modules")
     for module in modules:
@@ -112,40 +88,6 @@ def read_adapter(name: str, path: str | Path, model_path: str | Path) -> Adapter
         alpha=float(cfg.get("lora_alpha", cfg.get("r", 1))),
         target_modules=modules,
     )
-
-
-def adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a PEFT adapter folder (safetensors preferred, else the .bin)."""
-    path = Path(path)
-    if (path / _WEIGHT_FILES[0]).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(path / _WEIGHT_FILES[0]))
-    return torch.load(path / _WEIGHT_FILES[1], map_location="cpu", weights_only=True)
-
-
-_LORA_KEY = re.compile(r"\blayers\.(?P<layer>\d+)\.(?:.*\.)?(?P<module>\w+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$")
-
-
-def lora_matrices(weights: dict[str, torch.Tensor], module: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the (A [r, in], B [out, r]) of one target module; AdapterError if a layer
-    has only one of the two."""
-    found: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        match = _LORA_KEY.search(key)
-        if match and match["module"] == module:
-            found.setdefault(int(match["layer"]), {})[match["ab"]] = tensor
-    pairs = {}
-    for layer, ab in sorted(found.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"layer {layer} {module} has lora_{''.join(ab)} but not both A and B")
-        pairs[layer] = (ab["A"], ab["B"])
-    return pairs
-
-
-def v_proj_a(path: str | Path) -> dict[int, torch.Tensor]:
-    """Per layer, the v_proj A [r, hidden] of the adapter in folder `path`."""
-    return {layer: a for layer, (a, _) in lora_matrices(adapter_tensors(path), "v_proj").items()}
 
 
 def check_config(info: AdapterInfo) -> None:
@@ -173,13 +115,13 @@ def check_config(info: AdapterInfo) -> None:
 def check_weights(info: AdapterInfo, model_path: str | Path) -> list[str]:
     """Check every LoRA tensor's shape against the model and the adapter's rank (AdapterError
     on a mismatch); return notes on things that serve but are probably unintended."""
-    shapes = LlamaShapes.from_checkpoint(Path(model_path))
+    shapes = ModelShapes.from_checkpoint(model_path)
     try:
         weights = adapter_tensors(info.path)
     except Exception as exc:  # a truncated or foreign file: report it, whatever the loader raised
         raise AdapterError(f"adapter {info.name!r}: cannot read its weights ({exc})") from None
     notes = []
-    modules = {m.group("module") for m in map(_LORA_KEY.search, weights) if m}
+    modules = lora_modules(weights)
     for module in sorted(modules):
         parts = _FUSED.get(module, (module,))
         if not set(parts) <= set(info.target_modules):
@@ -208,8 +150,8 @@ def check_weights(info: AdapterInfo, model_path: str | Path) -> list[str]:
     return notes
 
 
-def check_for_scheme(infos: list[AdapterInfo], scheme: str, max_lora_rank: int | None,
-                     lr_basis: str = DEFAULT_LR_BASIS) -> None:
+def check_for_scheme(infos: list[AdapterInfo], scheme: Scheme, max_lora_rank: int | None,
+                     lr_basis: LRBasis = DEFAULT_LR_BASIS) -> None:
     """What the sharing scheme needs of the adapters; AdapterError naming the first offender.
 
     Base-sharing schemes keep keys shared, so no adapter may change them (k_proj), and
@@ -221,13 +163,13 @@ def check_for_scheme(infos: list[AdapterInfo], scheme: str, max_lora_rank: int |
             raise AdapterError(
                 f"adapter {info.name!r} has rank {info.rank}, above --max-lora-rank {max_lora_rank}"
             )
-        if scheme in ("base-shared", "base-lr-shared") and "k_proj" in info.target_modules:
+        if scheme.shares_base and "k_proj" in info.target_modules:
             raise AdapterError(
                 f"adapter {info.name!r} puts LoRA on k_proj, which {scheme} cannot share "
                 "(RoPE sits between its B and the attention scores); use --lragent-scheme "
-                "non-shared or full-shared, or an adapter without k_proj"
+                f"{Scheme.NON_SHARED} or {Scheme.FULL_SHARED}, or an adapter without k_proj"
             )
-    if scheme != "base-lr-shared" or lr_basis != DEFAULT_LR_BASIS or len(infos) < 2:
+    if not scheme.one_lr_cache or lr_basis is not DEFAULT_LR_BASIS or len(infos) < 2:
         return
     first = infos[0]
     ref = v_proj_a(first.path)
@@ -236,14 +178,14 @@ def check_for_scheme(infos: list[AdapterInfo], scheme: str, max_lora_rank: int |
         if ref.keys() != other.keys() or not all(same_a(ref[layer], other[layer]) for layer in ref):
             raise AdapterError(
                 f"adapters {first.name!r} and {info.name!r} have different v_proj A, but "
-                "base-lr-shared shares one LR cache: use --lragent-lr-basis joint (exact for any "
+                f"{scheme} shares one LR cache: use --lragent-lr-basis {LRBasis.JOINT} (exact for any "
                 "adapters), shared-A adapters (lragent-adapters train --shared-a), or "
-                "--lragent-scheme base-shared"
+                f"--lragent-scheme {Scheme.BASE_SHARED}"
             )
 
 
-def check_server_adapters(lora_paths: object, model_path: str | Path, scheme: str,
-                          max_lora_rank: int | None, lr_basis: str = DEFAULT_LR_BASIS) -> list[AdapterInfo]:
+def check_server_adapters(lora_paths: object, model_path: str | Path, scheme: Scheme,
+                          max_lora_rank: int | None, lr_basis: LRBasis = DEFAULT_LR_BASIS) -> list[AdapterInfo]:
     """Every check of this module on the `--lora-paths` adapters, as a server about to load
     them needs (AdapterError naming the first offender); notes on adapters that serve but
     look unintended are logged as warnings."""

@@ -1,6 +1,8 @@
 """`lragent-adapters`: prepare and vet LoRA adapters for the LRAgent sharing schemes.
 
 Subcommands:
+- `make`: write random role adapters (q/v LoRA with non-zero B) for a checkpoint, from its
+  config alone; `--shared-a` gives them one v_proj A (base-lr-shared adapters).
 - `train`: train role adapters (q_proj + v_proj LoRA) with PEFT on a role JSONL;
   `--shared-a` trains the first role, then shares its frozen v_proj A with the others
   (base-lr-shared adapters).
@@ -24,38 +26,48 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lragent_sglang.adapter_check import (
+from lragent_sglang import data_path
+from lragent_sglang.adapters.check import check_config, check_for_scheme, check_weights, read_adapter
+from lragent_sglang.adapters.io import (
+    DEFAULT_ROLES,
+    DEFAULT_TARGETS,
     AdapterError,
     adapter_tensors,
-    check_config,
-    check_for_scheme,
-    check_weights,
-    lora_pairs,
     lora_matrices,
-    read_adapter,
+    lora_pairs,
 )
-from lragent_sglang.config import DEFAULT_LR_BASIS, DEFAULT_SCHEME, LR_BASES, SCHEMES, check_lr_basis
-from lragent_sglang.joint_basis import DEFAULT_RTOL, joint_rank, singular_values, truncation
+from lragent_sglang.adapters.joint_basis import DEFAULT_RTOL, joint_rank, singular_values, truncation
+from lragent_sglang.scheme import DEFAULT_LR_BASIS, DEFAULT_SCHEME, LRBasis, Scheme, check_lr_basis
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "roles" / "train.jsonl"
+DEFAULT_DATA = data_path("roles", "train.jsonl")
 
 
 def _model_path(arg: Path | None) -> Path:
     if arg is not None:
         return arg
-    from lragent_sglang.models import smollm2_checkpoint
+    from lragent_sglang.agents.models import smollm2_checkpoint
 
     return smollm2_checkpoint()
 
 
+def cmd_make(args: argparse.Namespace) -> int:
+    from lragent_sglang.adapters.make import make_role_adapters
+
+    paths = make_role_adapters(
+        _model_path(args.model_path), args.out, tuple(args.roles), args.rank, args.alpha,
+        tuple(args.target_modules), args.shared_a, args.b_std, args.seed,
+    )
+    for role, path in paths.items():
+        print(f"{role}={path}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from lragent_sglang.training import TrainConfig, load_examples, train_role_adapters
+    from lragent_sglang.adapters.train import TrainConfig, load_examples, train_role_adapters
 
     cfg = TrainConfig(
         rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
@@ -74,8 +86,6 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{r.seconds:.1f} s{frozen}")
     print("--lora-paths " + " ".join(f"{r.role}={r.path}" for r in reports))
     return 0
-
-
 
 
 @dataclass(frozen=True)
@@ -153,8 +163,6 @@ def cmd_joint_basis(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 @dataclass(frozen=True)
 class Verdict:
     name: str
@@ -163,8 +171,8 @@ class Verdict:
 
 
 def check_adapters(
-    adapters: list[tuple[str, str | Path]], model_path: Path, scheme: str,
-    max_lora_rank: int | None = None, progress: bool = True, lr_basis: str = DEFAULT_LR_BASIS,
+    adapters: list[tuple[str, str | Path]], model_path: Path, scheme: Scheme,
+    max_lora_rank: int | None = None, progress: bool = True, lr_basis: LRBasis = DEFAULT_LR_BASIS,
 ) -> list[Verdict]:
     """One verdict per adapter: what the launcher checks plus config and tensor shapes.
     Under base-lr-shared every adapter's v_proj A is compared with the first adapter that
@@ -183,7 +191,7 @@ def check_adapters(
         detail = f"r={info.rank}, alpha={info.alpha:g}, {'+'.join(info.target_modules)}"
         verdicts[name] = Verdict(name, True, "; ".join([detail, *notes]))
         passed.append(info)
-    if scheme == "base-lr-shared" and passed:
+    if scheme.one_lr_cache and passed:
         ref = passed[0]
         for info in passed[1:]:
             try:
@@ -199,18 +207,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise AdapterError(f"adapter names must be distinct, got {names}")
     model = _model_path(args.model_path)
-    lr_basis = check_lr_basis(args.lr_basis, args.scheme)
-    verdicts = check_adapters(adapters, model, args.scheme, args.max_lora_rank, progress=not args.no_progress,
+    scheme = Scheme(args.scheme)
+    lr_basis = check_lr_basis(LRBasis(args.lr_basis), scheme)
+    verdicts = check_adapters(adapters, model, scheme, args.max_lora_rank, progress=not args.no_progress,
                               lr_basis=lr_basis)
     width = max(len(v.name) for v in verdicts)
     for v in verdicts:
         print(f"{v.name:<{width}}  {'OK' if v.ok else 'REFUSED'}: {v.detail}")
     refused = sum(not v.ok for v in verdicts)
-    print(f"# scheme {args.scheme} (lr basis {lr_basis}), model {model}: "
+    print(f"# scheme {scheme} (lr basis {lr_basis}), model {model}: "
           + (f"all {len(verdicts)} adapters OK" if not refused else f"{refused} of {len(verdicts)} refused"))
     return 1 if refused else 0
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = "Llama-architecture HF checkpoint (default: the embedded SmolLM2-135M-Instruct)"
+    model_help = "HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)"
+
+    make = sub.add_parser("make", help="write random role adapters (q/v LoRA) for a checkpoint")
+    make.add_argument("--model-path", type=Path, help=model_help)
+    make.add_argument("--out", type=Path, required=True, help="adapters go to OUT/<role>")
+    make.add_argument("--roles", nargs="+", default=list(DEFAULT_ROLES))
+    make.add_argument("--rank", type=int, default=8)
+    make.add_argument("--alpha", type=float, default=16.0)
+    make.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGETS))
+    make.add_argument("--shared-a", action="store_true", help="one v_proj A for all roles (base-lr-shared adapters)")
+    make.add_argument("--b-std", type=float, default=0.05, help="standard deviation of B (default: %(default)s)")
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(func=cmd_make)
 
     train = sub.add_parser("train", help="train role adapters with PEFT (q_proj + v_proj LoRA)")
     train.add_argument("--model-path", type=Path, help=model_help)
@@ -258,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="can the server serve these adapters under a scheme? exit 0 if all OK")
     check.add_argument("adapters", nargs="+", help="[NAME=]PATH of each adapter")
     check.add_argument("--model-path", type=Path, help=model_help)
-    check.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME, help="(default: %(default)s)")
+    check.add_argument("--scheme", choices=Scheme.choices(), default=DEFAULT_SCHEME, help="(default: %(default)s)")
     check.add_argument("--max-lora-rank", type=int, help="the server's --max-lora-rank")
-    check.add_argument("--lr-basis", choices=LR_BASES, default=DEFAULT_LR_BASIS,
+    check.add_argument("--lr-basis", choices=LRBasis.choices(), default=DEFAULT_LR_BASIS,
                        help="the server's --lragent-lr-basis (base-lr-shared; default: %(default)s)")
     check.set_defaults(func=cmd_check)
     return parser

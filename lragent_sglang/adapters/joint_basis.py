@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lragent_sglang.scheme import LRBasis, Scheme
+
 DEFAULT_RTOL = 1e-6
 
 
@@ -131,7 +133,6 @@ def truncation(
 
 SHARED_A_RTOL = 1e-3
 SHARED_A_ATOL = 1e-6
-SHARED_A, JOINT = "shared-a", "joint"
 
 
 class LRBasisMismatch(ValueError):
@@ -167,7 +168,7 @@ class GroupBasis:
     with, `L = x G_l^T`, and the adapters it came from. Shared-A: G_l is the common A
     (k_l = r); joint: orthonormal rows spanning all adapters' A (k_l <= n r)."""
 
-    kind: str
+    kind: LRBasis
     names: tuple[str, ...]
     rows: dict[int, torch.Tensor]
 
@@ -178,7 +179,7 @@ class GroupBasis:
 
     def describe(self) -> str:
         who = ", ".join(repr(n) for n in self.names)
-        if self.kind == SHARED_A:
+        if self.kind is LRBasis.SHARED_A:
             return f"v_proj A of adapter {who} (width {self.width})"
         ks = [g.shape[0] for g in self.rows.values()]
         return f"joint basis of {who}: width {self.width} (per layer {min(ks, default=0)}..{max(ks, default=0)})"
@@ -186,7 +187,7 @@ class GroupBasis:
 
 def shared_a_group(name: str, a_by_layer: dict[int, torch.Tensor]) -> GroupBasis:
     """The group of adapters sharing `name`'s v_proj A."""
-    return GroupBasis(SHARED_A, (name,), {layer: a.detach().double() for layer, a in a_by_layer.items()})
+    return GroupBasis(LRBasis.SHARED_A, (name,), {layer: a.detach().double() for layer, a in a_by_layer.items()})
 
 
 def joint_group(named: Sequence[tuple[str, dict[int, torch.Tensor]]], rtol: float = DEFAULT_RTOL) -> GroupBasis:
@@ -196,7 +197,7 @@ def joint_group(named: Sequence[tuple[str, dict[int, torch.Tensor]]], rtol: floa
         layer: joint_basis([by_layer[layer].double() for _, by_layer in named if layer in by_layer], rtol)[0]
         for layer in layers
     }
-    return GroupBasis(JOINT, tuple(name for name, _ in named), rows)
+    return GroupBasis(LRBasis.JOINT, tuple(name for name, _ in named), rows)
 
 
 def coefficients(group: GroupBasis, layer: int, name: str, a: torch.Tensor) -> torch.Tensor:
@@ -207,14 +208,14 @@ def coefficients(group: GroupBasis, layer: int, name: str, a: torch.Tensor) -> t
     a64 = a.detach().to("cpu", torch.float64)
     if not a64.any():  # no v_proj LoRA at this layer: nothing to serve
         return a64.new_zeros(a64.shape[0], 0 if g is None else g.shape[0])
-    if group.kind == SHARED_A:
+    if group.kind is LRBasis.SHARED_A:
         if g is None or not same_a(g, a):
             raise SharedAMismatch(
                 f"adapter {name!r} has a different v_proj A than {group.names[0]!r} (layer {layer}); "
-                "base-lr-shared with --lragent-lr-basis shared-a needs shared-A adapters: use "
-                "--lragent-lr-basis joint (all adapters in --lora-paths at start-up), adapters "
-                "trained with a shared v_proj A (lragent-adapters train --shared-a), or "
-                "--lragent-scheme base-shared"
+                f"{Scheme.BASE_LR_SHARED} with --lragent-lr-basis {LRBasis.SHARED_A} needs shared-A "
+                f"adapters: use --lragent-lr-basis {LRBasis.JOINT} (all adapters in --lora-paths at "
+                "start-up), adapters trained with a shared v_proj A (lragent-adapters train "
+                f"--shared-a), or --lragent-scheme {Scheme.BASE_SHARED}"
             )
         return torch.eye(a.shape[0], dtype=torch.float64)
     if g is None:
@@ -227,7 +228,7 @@ def coefficients(group: GroupBasis, layer: int, name: str, a: torch.Tensor) -> t
         raise OutsideJointBasis(
             f"adapter {name!r}: its v_proj A at layer {layer} lies outside the joint LR basis of "
             f"{names} (relative residual {rel:.2g}); the basis is fixed at start-up: add the adapter "
-            "to --lora-paths and restart, or use --lragent-scheme base-shared"
+            f"to --lora-paths and restart, or use --lragent-scheme {Scheme.BASE_SHARED}"
         )
     return coeff
 

@@ -36,13 +36,14 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from lragent_sglang.adapters.io import DEFAULT_TARGETS
+
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-TARGET_MODULES = ("q_proj", "v_proj")
 SHARED_A_SUFFIX = "v_proj.lora_A"
 FORMATS = ("chat", "plain")
 TRAIN_LOG = "train_log.json"
@@ -254,7 +255,7 @@ def _train_role_adapters(model_path: Path, examples: list[RoleExample], out_dir:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     lora = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(TARGET_MODULES),
+        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(DEFAULT_TARGETS),
         lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
         base_model_name_or_path=str(model_path),
     )

@@ -36,8 +36,8 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.interpreter import ProgramState, ProgramStateGroup, StreamExecutor
 from sglang.lang.ir import SglExpr
 
-from lragent_sglang.config import DEFAULT_SCHEME
-from lragent_sglang.server_process import ServerProcess
+from lragent_sglang.agents.server_process import ServerProcess
+from lragent_sglang.scheme import DEFAULT_SCHEME, Scheme
 
 logger = logging.getLogger(__name__)
 
@@ -220,10 +220,10 @@ class Runtime:
             raise
 
     @classmethod
-    def smollm2(cls, scheme: str = DEFAULT_SCHEME, **kwargs: Any) -> "Runtime":
+    def smollm2(cls, scheme: Scheme = DEFAULT_SCHEME, **kwargs: Any) -> "Runtime":
         """The embedded SmolLM2-135M-Instruct with the three shared-A role adapters."""
-        from lragent_sglang.adapters import default_role_adapters
-        from lragent_sglang.models import default_cache_dir, smollm2_checkpoint
+        from lragent_sglang.adapters.make import default_role_adapters
+        from lragent_sglang.agents.models import default_cache_dir, smollm2_checkpoint
 
         model = smollm2_checkpoint()
         server_args: dict[str, Any] = {
@@ -233,7 +233,7 @@ class Runtime:
             "lora_paths": default_role_adapters(model, default_cache_dir()),
             "max_loras_per_batch": 4,
             "max_lora_rank": 8,
-            "lragent_scheme": scheme,
+            "lragent_scheme": str(scheme),
             "chat_template_name": "chatml",
         }
         return cls(**{**server_args, **kwargs})

@@ -46,7 +46,7 @@ class ServerProcess:
         startup_timeout: float = 300.0,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
-        module: str = "lragent_sglang.launch_server",
+        module: str = "lragent_sglang.server.launch_server",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lragent_sglang import data_path
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_DOCS_DIR = Path(__file__).resolve().parent.parent / "data" / "docs"
+DEFAULT_DOCS_DIR = data_path("docs")
 
 _BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Add: operator.add,

@@ -1,12 +1,10 @@
-"""Scheduler hooks of the sharing schemes (registered through SGLang's HookRegistry).
+"""Slot allocation for the base-sharing schemes (hooks on `sglang.srt.mem_cache.allocation`).
 
-- `Req.__init__`: SGLang appends the adapter id to every request's cache key, so each
-  adapter gets a disjoint subtree. Every scheme but non-shared keys by tokens only.
-- `alloc_for_extend`: an LR prefill reuses the cached base slots of its gap instead of
-  the fresh KV slots SGLang just allocated (those are freed, and the gap tokens' K/V
-  writes go to the padding slot 0); every request with an LR key gets LR slots for its
-  new tokens in `req_to_lr`, after the LR prefix it matched.
-- `alloc_for_decode`: one LR slot per decoding request with an LR key.
+- `alloc_for_extend` (around): an LR prefill reuses the cached base slots of its gap
+  instead of the fresh KV slots SGLang just allocated (those are freed, and the gap
+  tokens' K/V writes go to the padding slot 0); every request with an LR key gets LR
+  slots for its new tokens in `req_to_lr`, after the LR prefix it matched.
+- `alloc_for_decode` (after): one LR slot per decoding request with an LR key.
 """
 
 from __future__ import annotations
@@ -15,23 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from lragent_sglang.cache import LRAgentRadixCache
-from lragent_sglang.config import scheme_from_env
-from lragent_sglang.runtime import get_runtime
-
-
-def _our_cache_selected() -> bool:
-    from sglang.srt.server_args import get_global_server_args
-
-    return get_global_server_args().radix_cache_backend == "lragent"
-
-
-def strip_lora_from_key(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER hook of `Req.__init__`: drop the adapter id SGLang appended to `extra_key`."""
-    lora_id = req.lora_id
-    key = req.extra_key
-    if lora_id and key is not None and key.endswith(lora_id) and _our_cache_selected():
-        req.extra_key = key[: -len(lora_id)] or None
+from lragent_sglang.server.cache import LRAgentRadixCache
 
 
 def fix_extend_alloc(original: Callable, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,21 +28,20 @@ def fix_extend_alloc(original: Callable, batch: Any) -> tuple[torch.Tensor, torc
     for req, prefix_len, extend_len, row in zip(
         batch.reqs, batch.prefix_lens, batch.extend_lens, rpi_cpu.tolist()
     ):
-        gap = getattr(req, "lragent_gap", None)
-        if gap is not None and len(gap):
-            g = min(len(gap), extend_len)
+        state = req.lragent
+        if state.gap is not None and len(state.gap):
+            g = min(len(state.gap), extend_len)
             fresh = out_cache_loc[offset : offset + g].clone()
             cache.token_to_kv_pool_allocator.free(fresh)
-            req_to_token[row, prefix_len : prefix_len + g] = gap[:g].to(req_to_token.dtype)
+            req_to_token[row, prefix_len : prefix_len + g] = state.gap[:g].to(req_to_token.dtype)
             out_cache_loc[offset : offset + g] = 0
-            req.lragent_gap = gap[g:]
-            get_runtime().gap_rids.add(req.rid)
+            state.gap = state.gap[g:]
+            cache.rt.gap_rids.add(req.rid)
         if req.last_node is not None and req.last_node.lr_key is not None:
-            lr_prefix = getattr(req, "lragent_lr_prefix", None)
-            if lr_prefix is not None:
-                req_to_lr[row, : len(lr_prefix)] = lr_prefix
-                req.lragent_lr_protected = len(lr_prefix)
-                req.lragent_lr_prefix = None
+            if state.lr_prefix is not None:
+                req_to_lr[row, : len(state.lr_prefix)] = state.lr_prefix
+                state.lr_protected = len(state.lr_prefix)
+                state.lr_prefix = None
             req_to_lr[row, prefix_len : prefix_len + extend_len] = cache.alloc_lr(extend_len)
         offset += extend_len
     return out_cache_loc, rpi_device, rpi_cpu
@@ -77,13 +58,3 @@ def alloc_decode_lr(result: torch.Tensor, batch: Any, *args: Any, **kwargs: Any)
     idx = torch.tensor(rows, dtype=torch.int64, device=batch.seq_lens.device)
     slots = cache.alloc_lr(len(rows))
     cache.lr_pool.req_to_lr[batch.req_pool_indices[idx], batch.seq_lens[idx]] = slots.to(batch.seq_lens.device)
-
-
-def register_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    if scheme_from_env() != "non-shared":
-        HookRegistry.register("sglang.srt.managers.schedule_batch.Req.__init__", strip_lora_from_key, HookType.AFTER)
-    alloc = "sglang.srt.mem_cache.allocation"
-    HookRegistry.register(f"{alloc}.alloc_for_extend", fix_extend_alloc, HookType.AROUND)
-    HookRegistry.register(f"{alloc}.alloc_for_decode", alloc_decode_lr, HookType.AFTER)

@@ -7,6 +7,7 @@
 | base-shared, base-lr-shared | `LRAgentRadixCache` (shared base pages + LR pages) | Flash-LoRA (`P V_base + (P L) B`): Triton kernels on GPU, torch on CPU |
 
 Base-sharing schemes without `--enable-lora` share everything there is (no adapters).
+The plugin registers both with the process's runtime bound in (`functools.partial`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from lragent_sglang import cpu_compat
-from lragent_sglang.config import scheme_from_env
-from lragent_sglang.runtime import BASE_SHARING, get_runtime
+from lragent_sglang.server import cpu_compat
+from lragent_sglang.server.config import BACKEND_NAME
+from lragent_sglang.server.runtime import LRAgentRuntime
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
@@ -24,69 +25,52 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BACKEND_NAME = "lragent"
 
-
-def create_tree_cache(ctx: "TreeCacheBuildContext") -> "BasePrefixCache":
+def create_tree_cache(rt: LRAgentRuntime, ctx: "TreeCacheBuildContext") -> "BasePrefixCache":
     """Radix-cache factory (`register_radix_cache_backend`)."""
-    scheme = scheme_from_env()
-    if scheme in BASE_SHARING:
-        from lragent_sglang.cache import LRAgentRadixCache
+    rt.bind(ctx.server_args)
+    if rt.scheme.shares_base:
+        from lragent_sglang.server.cache import LRAgentRadixCache
 
-        rt = get_runtime(ctx.server_args)
         if rt.enabled and rt.lr_pool is None:
             raise ValueError(
-                f"--lragent-scheme {scheme} needs --attention-backend {BACKEND_NAME} "
+                f"--lragent-scheme {rt.scheme} needs --attention-backend {BACKEND_NAME} "
                 "(it owns the LR cache)"
             )
-        logger.info("lragent radix cache: scheme=%s (shared base pages + LR pages)", scheme)
+        logger.info("lragent radix cache: scheme=%s (shared base pages + LR pages)", rt.scheme)
         return LRAgentRadixCache(ctx.params, rt)
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
-    logger.info("lragent radix cache: scheme=%s (SGLang RadixCache)", scheme)
+    logger.info("lragent radix cache: scheme=%s (SGLang RadixCache)", rt.scheme)
     return RadixCache(ctx.params)
 
 
-def create_attention_backend(runner: Any) -> Any:
+def create_attention_backend(rt: LRAgentRuntime, runner: Any) -> Any:
     """Attention-backend factory (`register_attention_backend`)."""
-    scheme = scheme_from_env()
-    if scheme in BASE_SHARING:
-        from lragent_sglang.attention import LRAgentTorchAttnBackend, LRAgentTritonAttnBackend
+    cpu = cpu_compat.wanted()
+    if rt.scheme.shares_base:
+        rt.attach_model_runner(runner)
+        if cpu:
+            from lragent_sglang.server.attention import LRAgentTorchAttnBackend
 
-        if cpu_compat.wanted():
-            logger.info("lragent attention: scheme=%s, Flash-LoRA math (torch, CPU)", scheme)
-            return LRAgentTorchAttnBackend(runner)
-        logger.info("lragent attention: scheme=%s, Flash-LoRA Triton kernels", scheme)
-        return LRAgentTritonAttnBackend(runner)
-    if cpu_compat.wanted():
+            logger.info("lragent attention: scheme=%s, Flash-LoRA math (torch, CPU)", rt.scheme)
+            return LRAgentTorchAttnBackend(runner, rt)
+        from lragent_sglang.server.attention_triton import LRAgentTritonAttnBackend
+
+        logger.info("lragent attention: scheme=%s, Flash-LoRA Triton kernels", rt.scheme)
+        return LRAgentTritonAttnBackend(runner, rt)
+    if cpu:
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-        logger.info("lragent attention: scheme=%s, torch-native path (CPU)", scheme)
+        logger.info("lragent attention: scheme=%s, torch-native path (CPU)", rt.scheme)
         return TorchNativeAttnBackend(runner)
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-    logger.info("lragent attention: scheme=%s, triton path", scheme)
+    logger.info("lragent attention: scheme=%s, triton path", rt.scheme)
     return TritonAttnBackend(runner)
 
 
-def add_lr_bytes(cell_size: int, configurator: Any, kvc: Any, num_layers: int) -> int:
-    """AFTER hook of SGLang's per-token KV cost: the LR pool is part of the same budget,
-    so `--mem-fraction-static` means what it means in stock SGLang."""
-    from lragent_sglang.runtime import lr_bytes_per_token
-
-    return cell_size + lr_bytes_per_token(kvc.server_args, num_layers, kvc.kv_cache_dtype)
-
-
-def register_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    from lragent_sglang import lora_split, schedule_hooks, stats
-
-    schedule_hooks.register_hooks()
-    stats.register_hooks()
-    if scheme_from_env() in BASE_SHARING:
-        lora_split.register_hooks()
-        HookRegistry.register(
-            "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
-            add_lr_bytes, HookType.AFTER,
-        )
+def refuse(error: Exception, *args: Any) -> Any:
+    """Both factories when the launch settings are invalid: the server fails to start
+    with the settings' own error message."""
+    raise error

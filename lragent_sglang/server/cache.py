@@ -3,8 +3,8 @@ interface over `lragent_sglang.radix.LRRadixTree`.
 
 The tree is keyed by tokens only. A request's match has two lengths: the base prefix
 (shared K and V_base) and its LR key's reach. SGLang sees the LR reach as the prefix;
-the base slots between the two (the "gap") are handed to the request through
-`req.lragent_gap`, and `schedule_hooks` points the request at them instead of fresh KV
+the base slots between the two (the "gap") are handed to the request through its
+`RequestState` (`req.lragent.gap`), and `allocation` points the request at them instead of fresh KV
 slots, so an LR prefill recomputes only the LR rows there (its K/V writes go to the
 padding slot 0). Insertion is first-writer-wins for base and LR; duplicates a request
 computed concurrently are freed. Requests with a cache namespace (`cache_salt`) are not
@@ -30,8 +30,8 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 
 from lragent_sglang.radix import LRRadixTree
 from lragent_sglang.radix.node import TreeNode
-from lragent_sglang.runtime import LRAgentRuntime, kv_bytes_per_token
-from lragent_sglang.stats import AdapterStats, first_look, prompt_len
+from lragent_sglang.server.runtime import LRAgentRuntime, kv_bytes_per_token
+from lragent_sglang.server.stats import AdapterStats, first_look, prompt_len
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class LRAgentRadixCache(BasePrefixCache):
                 return self._empty_match()
             if first_look(req):
                 self.adapter_stats.record(req.lora_id, prompt_len(req), 0, 0)
-            req.lragent_gap = None
-            req.lragent_lr_prefix = None
+            req.lragent.gap = None
+            req.lragent.lr_prefix = None
             return self._empty_match(self.rt.lr_key(req.lora_id))
         lr_key = self.rt.lr_key(req.lora_id) if req is not None else None
         counted = first_look(req)
@@ -122,8 +122,8 @@ class LRAgentRadixCache(BasePrefixCache):
         if counted:
             self.adapter_stats.record(req.lora_id, prompt_len(req), m.base_len, use_len)
         if req is not None:
-            req.lragent_gap = m.base_indices[use_len:] if m.base_len > use_len else None
-            req.lragent_lr_prefix = m.lr_indices if lr_key is not None else None
+            req.lragent.gap = m.base_indices[use_len:] if m.base_len > use_len else None
+            req.lragent.lr_prefix = m.lr_indices if lr_key is not None else None
         handle = NodeHandle(m.last_base_node, lr_key)
         return MatchResult(
             device_indices=m.base_indices[:use_len],
@@ -144,10 +144,9 @@ class LRAgentRadixCache(BasePrefixCache):
         lr_slots = None
         if handle.lr_key is not None:
             lr = self.lr_pool.req_to_lr[row, :n]
-            lr_protected = getattr(req, "lragent_lr_protected", 0)
             res_lr = self.tree.insert_lr(tokens, handle.lr_key, lr)
             m = self.tree.match(tokens, handle.lr_key, record_stats=False)
-            dup = slice(lr_protected, res_lr.prefix_len)
+            dup = slice(req.lragent.lr_protected, res_lr.prefix_len)
             self._free_duplicates(lr[dup], m.lr_indices[dup], lr_pool=True)
             lr_slots = m.lr_indices
         return m.base_indices, lr_slots, m
@@ -174,7 +173,7 @@ class LRAgentRadixCache(BasePrefixCache):
         new = NodeHandle(m.last_base_node, old.lr_key)
         if lr is not None:
             self.lr_pool.req_to_lr[row, :n] = lr
-            req.lragent_lr_protected = n
+            req.lragent.lr_protected = n
         self.tree.dec_lock_ref(old.node, old.lr_key)
         self.tree.inc_lock_ref(new.node, new.lr_key)
         req.cache_protected_len = n
@@ -194,7 +193,7 @@ class LRAgentRadixCache(BasePrefixCache):
             self.token_to_kv_pool_allocator.free(kv[req.cache_protected_len :])
             if handle is not None and handle.lr_key is not None:
                 lr = self.lr_pool.req_to_lr[row, :n]
-                self.lr_pool.free(lr[getattr(req, "lragent_lr_protected", 0) :])
+                self.lr_pool.free(lr[req.lragent.lr_protected :])
         if handle is not None:
             self.tree.dec_lock_ref(handle.node, handle.lr_key)
 

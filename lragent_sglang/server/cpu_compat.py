@@ -2,21 +2,25 @@
 
 Stock 0.5.17 does not start there; five small things block it (see the README section
 "SGLang on CPU"). Every patch here is off unless no CUDA device is present, or
-`LRAGENT_CPU_COMPAT=1` forces it on (`=0` forces it off):
+`LRAGENT_CPU_COMPAT=1` forces it on (`=0` forces it off); `EARLY` below and
+`patches.cpu_patches` list them with their reasons:
 
 1. `SGLANG_USE_CPU_ENGINE=1` (SGLang reads it at import time to pick CPU paths).
 2. A stand-in `sgl_kernel` module (the CPU build of sgl-kernel is not published): torch
    versions of the two helpers ordinary serving imports; every other op it is asked for
    imports fine and raises NotImplementedError naming itself when called (speculative
    decoding, int8 and MoE CPU kernels are not supported here).
-3. Pinned host memory, which needs a driver: made a no-op in SGLang's LoRA modules.
+3. Pinned host memory, which needs a driver: turned off for the whole scheduler process
+   (torch's tensor factories ignore `pin_memory=True`, `Tensor.pin_memory` returns the
+   tensor), which covers the LoRA modules and xgrammar's token bitmask alike.
 4. xgrammar's logit masking on CPU tensors (SGLang raises "Unsupported device: cpu").
 5. Our attention backend's name reaching Triton-only helpers (`support_triton`,
    `get_last_loc`): on CPU they take their torch paths.
 
 Spawned scheduler and detokenizer processes import SGLang modules while unpickling their
-start function, before `load_plugins()` runs, so (2) must already be in place then: the
-plugin swaps those start functions for the ones below, which patch first.
+start function, before `load_plugins()` runs, so (2) must already be in place then: a
+hook on `Engine.launch_subprocesses` swaps those start functions for the ones below,
+which patch first.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ import logging
 import os
 import sys
 import types
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from lragent_sglang.server.config import BACKEND_NAME
+
 logger = logging.getLogger(__name__)
 
 ENV_FLAG = "LRAGENT_CPU_COMPAT"
-ATTENTION_BACKEND = "lragent"
 
 
 def wanted() -> bool:
@@ -108,17 +114,8 @@ def install_sgl_kernel_stub() -> None:
 
 # --- (3) pinned memory ----------------------------------------------------------------
 
-_PINNING_MODULES = ("sglang.srt.lora.layers", "sglang.srt.lora.backend.torch_backend")
-
-
-class _UnpinnedTorch:
-    """`torch` as seen by SGLang's LoRA modules: factories ignore `pin_memory`."""
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(torch, name)
-        if callable(attr) and name in ("tensor", "empty", "zeros", "ones", "full", "arange"):
-            return _drop_pin_memory(attr)
-        return attr
+#: torch factories SGLang and xgrammar call with `pin_memory=True`
+PINNING_FACTORIES = ("tensor", "empty", "zeros", "ones", "full", "arange", "empty_like", "zeros_like", "full_like")
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,6 +124,7 @@ def _drop_pin_memory(factory: Callable[..., torch.Tensor]) -> Callable[..., torc
     def call(*args: Any, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
         return factory(*args, **kwargs)
 
+    call.lragent_unpinned = True
     return call
 
 
@@ -136,18 +134,17 @@ def _unpinned_pin_memory(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch
 
 def disable_pinning() -> None:
     """Pinning needs a driver; without an accelerator there is nothing to pin for."""
-    import importlib
-
     torch.Tensor.pin_memory = _unpinned_pin_memory
-    proxy = _UnpinnedTorch()
-    for name in _PINNING_MODULES:
-        importlib.import_module(name).torch = proxy
+    for name in PINNING_FACTORIES:
+        factory = getattr(torch, name)
+        if not getattr(factory, "lragent_unpinned", False):
+            setattr(torch, name, _drop_pin_memory(factory))
 
 
-# --- (4) and (5): hooks through SGLang's HookRegistry ----------------------------------
+# --- (4) and (5): hooks through SGLang's HookRegistry (rows of `patches.cpu_patches`) ---
 
 
-def _apply_vocab_mask(original: Callable, *args: Any) -> None:
+def apply_vocab_mask(original: Callable, *args: Any) -> None:
     logits, vocab_mask = args[-2], args[-1]
     if logits.device.type != "cpu":
         return original(*args)
@@ -156,45 +153,52 @@ def _apply_vocab_mask(original: Callable, *args: Any) -> None:
     xgrammar.apply_token_bitmask_inplace(logits, vocab_mask.to(logits.device))
 
 
-def _support_triton(original: Callable[[str], bool], backend: str) -> bool:
-    return False if backend == ATTENTION_BACKEND else original(backend)
+def support_triton(original: Callable[[str], bool], backend: str) -> bool:
+    return False if backend == BACKEND_NAME else original(backend)
 
 
-def _get_last_loc(original: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+def get_last_loc(original: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
     from sglang.srt.mem_cache.allocation import get_last_loc_torch
 
     return get_last_loc_torch(*args, **kwargs)
 
 
-def _launch_subprocesses(original: Callable, *args: Any, **kwargs: Any) -> Any:
+def launch_subprocesses(original: Callable, *args: Any, **kwargs: Any) -> Any:
     kwargs["run_scheduler_process_func"] = run_scheduler_process
     kwargs["run_detokenizer_process_func"] = run_detokenizer_process
     return original(*args, **kwargs)
 
 
-def register_hooks() -> None:
-    """Register the CPU hooks; SGLang applies them in each process after plugins load."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+def use_cpu_engine() -> None:
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    os.environ[ENV_FLAG] = "1"  # spawned children patch too
 
-    xgr = "sglang.srt.constrained.xgrammar_backend"
-    HookRegistry.register(f"{xgr}.XGrammarGrammar.apply_vocab_mask", _apply_vocab_mask, HookType.AROUND)
-    HookRegistry.register(
-        f"{xgr}.XGrammarGrammarBackend.apply_vocab_mask", _apply_vocab_mask, HookType.AROUND
-    )
-    HookRegistry.register("sglang.srt.utils.common.support_triton", _support_triton, HookType.AROUND)
-    HookRegistry.register("sglang.srt.mem_cache.allocation.get_last_loc", _get_last_loc, HookType.AROUND)
-    HookRegistry.register(
-        "sglang.srt.entrypoints.engine.Engine._launch_subprocesses",
-        _launch_subprocesses,
-        HookType.AROUND,
-    )
+
+@dataclass(frozen=True)
+class EarlyPatch:
+    """A change that must be in place before SGLang's modules import."""
+
+    name: str
+    apply: Callable[[], None]
+    every_process: bool  # else the scheduler process only
+    why: str
+
+
+EARLY = (
+    EarlyPatch("SGLANG_USE_CPU_ENGINE=1", use_cpu_engine, True,
+               "SGLang reads it at import time to pick its CPU paths"),
+    EarlyPatch("sgl_kernel stand-in", install_sgl_kernel_stub, True,
+               "the CPU build of sgl-kernel is not published; plain serving imports two of its helpers"),
+    EarlyPatch("no pinned memory", disable_pinning, False,
+               "pinning needs an NVIDIA driver; the LoRA buffers and xgrammar's bitmask ask for it"),
+)
 
 
 def apply_early() -> None:
     """What must hold before any SGLang CPU module is imported in this process."""
-    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
-    os.environ[ENV_FLAG] = "1"
-    install_sgl_kernel_stub()
+    for patch in EARLY:
+        if patch.every_process:
+            patch.apply()
 
 
 # --- process entry points (picklable, imported first by spawned children) --------------
@@ -202,8 +206,8 @@ def apply_early() -> None:
 
 def run_scheduler_process(*args: Any, **kwargs: Any) -> None:
     """SGLang's scheduler process, with the CPU patches applied first."""
-    apply_early()
-    disable_pinning()
+    for patch in EARLY:
+        patch.apply()
     from sglang.srt.managers.scheduler import run_scheduler_process as run
 
     run(*args, **kwargs)

@@ -3,7 +3,7 @@ the server runs with `--enable-metrics`, SGLang's own `/metrics`.
 
 The page (`dashboard.html`, self-contained: no CDN, the servers it runs next to often
 have no internet) is served by our launcher at `GET /lragent/dashboard`. For a server
-started by the stock launcher, `python -m lragent_sglang.dashboard URL` serves the same
+started by the stock launcher, `python -m lragent_sglang.server.dashboard URL` serves the same
 page locally and forwards its reads (FORWARDED) to URL.
 """
 
@@ -34,7 +34,7 @@ SGLANG_METRICS = (
 
 def page() -> str:
     """The dashboard's HTML, read from the package (it ships as package data)."""
-    return resources.files("lragent_sglang").joinpath(PAGE_NAME).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath(PAGE_NAME).read_text(encoding="utf-8")
 
 
 def add_dashboard_route() -> None:
@@ -88,7 +88,7 @@ def make_handler(upstream: str) -> type[http.server.BaseHTTPRequestHandler]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lragent_sglang.dashboard",
+        prog="python -m lragent_sglang.server.dashboard",
         description="Serve the LRAgent radix-cache dashboard for a running server.",
     )
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:30000")

@@ -1,6 +1,6 @@
 """Start the real SGLang server with the LRAgent backends selected.
 
-    python -m lragent_sglang.launch_server --model-path M --lora-paths plan=P ... \
+    python -m lragent_sglang.server.launch_server --model-path M --lora-paths plan=P ... \
         [--lragent-scheme base-lr-shared] [--lragent-lr-basis shared-a|joint] \
         [any other SGLang server flag]
 
@@ -17,19 +17,11 @@ import logging
 import os
 import sys
 
-from lragent_sglang import cpu_compat
-from lragent_sglang.adapter_check import AdapterError, check_server_adapters
-from lragent_sglang.backends import BACKEND_NAME
-from lragent_sglang.config import (
-    DEFAULT_LR_BASIS,
-    DEFAULT_SCHEME,
-    LR_BASES,
-    LR_BASIS_ENV,
-    SCHEME_ENV,
-    SCHEMES,
-    ConfigError,
-    check_lr_basis,
-)
+from lragent_sglang.adapters.check import check_server_adapters
+from lragent_sglang.adapters.io import AdapterError
+from lragent_sglang.scheme import DEFAULT_LR_BASIS, DEFAULT_SCHEME, ConfigError, LRBasis, Scheme
+from lragent_sglang.server import cpu_compat
+from lragent_sglang.server.config import BACKEND_NAME, LR_BASIS_ENV, SCHEME_ENV, LRAgentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lragent-scheme",
-        choices=SCHEMES,
+        choices=Scheme.choices(),
         default=os.environ.get(SCHEME_ENV, DEFAULT_SCHEME),
         help="what the adapters share (default: %(default)s)",
     )
     parser.add_argument(
         "--lragent-lr-basis",
-        choices=LR_BASES,
+        choices=LRBasis.choices(),
         default=os.environ.get(LR_BASIS_ENV, DEFAULT_LR_BASIS),
         help="base-lr-shared only: the one LR cache is computed with the adapters' common "
         "v_proj A (shared-a), or with the joint orthonormal basis of all --lora-paths "
@@ -84,28 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def set_lragent_env(parser: argparse.ArgumentParser, ours: argparse.Namespace) -> None:
-    """Check our flags together and hand them to SGLang's processes as variables."""
-    if ours.lragent_scheme not in SCHEMES:
-        parser.error(f"unknown {SCHEME_ENV}={ours.lragent_scheme!r}: choose one of {', '.join(SCHEMES)}")
+def lragent_config(parser: argparse.ArgumentParser, ours: argparse.Namespace) -> LRAgentConfig:
+    """Check our flags together (an environment default may be any string) and hand them to
+    SGLang's processes as variables."""
     try:
-        check_lr_basis(ours.lragent_lr_basis, ours.lragent_scheme)
+        config = LRAgentConfig(Scheme.parse(ours.lragent_scheme), LRBasis.parse(ours.lragent_lr_basis))
     except ConfigError as exc:
         parser.error(str(exc))
-    os.environ[SCHEME_ENV] = ours.lragent_scheme
-    os.environ[LR_BASIS_ENV] = ours.lragent_lr_basis
+    os.environ.update(config.to_env())
+    return config
 
 
-def check_adapters(parser: argparse.ArgumentParser, ours: argparse.Namespace, server_args: object) -> None:
+def check_adapters(parser: argparse.ArgumentParser, config: LRAgentConfig, server_args: object) -> None:
     """Refuse adapters the server cannot serve before SGLang loads them (one-line error),
     and default `--max-lora-rank` to the adapters' largest rank."""
     try:
-        infos = check_server_adapters(server_args.lora_paths, server_args.model_path, ours.lragent_scheme,
-                                      server_args.max_lora_rank, ours.lragent_lr_basis)
+        infos = check_server_adapters(server_args.lora_paths, server_args.model_path, config.scheme,
+                                      server_args.max_lora_rank, config.lr_basis)
     except AdapterError as exc:
         parser.exit(2, f"lragent-serve: error: {exc}\n")
-    if ours.lragent_lr_basis != DEFAULT_LR_BASIS and not infos:
-        parser.error(f"--lragent-lr-basis {ours.lragent_lr_basis} needs the adapters at start-up (--lora-paths)")
+    if config.lr_basis is not DEFAULT_LR_BASIS and not infos:
+        parser.error(f"--lragent-lr-basis {config.lr_basis} needs the adapters at start-up (--lora-paths)")
     if infos and server_args.max_lora_rank is None:
         server_args.max_lora_rank = max(info.rank for info in infos)
 
@@ -114,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     ours, rest = parser.parse_known_args(argv)
-    set_lragent_env(parser, ours)
+    config = lragent_config(parser, ours)
     cpu = cpu_compat.wanted()
     if cpu:
         cpu_compat.apply_early()
@@ -126,17 +117,17 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.server_args import prepare_server_args
 
     argv = with_defaults(rest, cpu)
-    if not cpu and ours.lragent_scheme in ("base-shared", "base-lr-shared") and not _has_flag(argv, "--disable-prefill-cuda-graph"):
+    if not cpu and config.scheme.shares_base and not _has_flag(argv, "--disable-prefill-cuda-graph"):
         argv.append("--disable-prefill-cuda-graph")  # Flash-LoRA runs decode graphs only
     server_args = prepare_server_args(argv)
-    check_adapters(parser, ours, server_args)
-    logger.info("lragent scheme %s, lr basis %s, cpu=%s", ours.lragent_scheme, ours.lragent_lr_basis, cpu)
+    check_adapters(parser, config, server_args)
+    logger.info("lragent scheme %s, lr basis %s, cpu=%s", config.scheme, config.lr_basis, cpu)
 
     from sglang.launch_server import run_server
     from sglang.srt.utils import kill_process_tree
 
-    from lragent_sglang.dashboard import add_dashboard_route
-    from lragent_sglang.stats import add_stats_route
+    from lragent_sglang.server.dashboard import add_dashboard_route
+    from lragent_sglang.server.stats import add_stats_route
 
     add_stats_route()
     add_dashboard_route()

@@ -25,9 +25,10 @@ import logging
 import weakref
 from typing import Any
 
-from lragent_sglang.config import scheme_from_env
-from lragent_sglang.runtime import selected
-from lragent_sglang.stats import lragent_state
+from lragent_sglang.scheme import Scheme
+from lragent_sglang.server.config import selected
+from lragent_sglang.server.runtime import LRAgentRuntime
+from lragent_sglang.server.stats import lragent_state
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +135,15 @@ def families_for(collector: Any, labelnames: tuple[str, ...]) -> Families:
 class LRAgentMetrics:
     """One scheduler's exporter: turns `lragent_state` snapshots into metric updates."""
 
-    def __init__(self, scheduler: Any, collector: Any) -> None:
+    def __init__(self, scheduler: Any, collector: Any, scheme: Scheme) -> None:
         self.scheduler = scheduler
+        self.scheme = scheme
         self.labels = {k: str(v) for k, v in collector.labels.items()}
         self.fams = families_for(collector, tuple(self.labels))
         self.last: dict[tuple[str, ...], int] = {}
         self.lr_keys: set[str] = set()
         self.failed = False
-        self.fams.info.labels(**self.labels, scheme=scheme_from_env()).set(1)
+        self.fams.info.labels(**self.labels, scheme=str(scheme)).set(1)
 
     def advance(self, counter: Any, key: tuple[str, ...], value: int, labels: dict[str, str]) -> None:
         """Add what `value` (a cumulative number) grew by; after a reset it counts from 0.
@@ -155,7 +157,7 @@ class LRAgentMetrics:
         self.last[key] = value
 
     def update(self) -> None:
-        state = lragent_state(self.scheduler)
+        state = lragent_state(self.scheduler, self.scheme)
         self.update_base(state.get("base", {}))
         for field, gauge in self.fams.pool_gauges.items():
             if field in state:
@@ -201,16 +203,15 @@ class LRAgentMetrics:
 
 
 _exporters: "weakref.WeakKeyDictionary[Any, LRAgentMetrics]" = weakref.WeakKeyDictionary()
-_registered = False
 
 
-def attach_exporter(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+def attach_exporter(rt: LRAgentRuntime, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER hook of `Scheduler.init_metrics_reporter`: an exporter for its collector,
     where metrics are on and our backends are selected."""
     collector = getattr(scheduler, "metrics_collector", None)
     if collector is None or not selected(scheduler.server_args):
         return
-    _exporters[collector] = LRAgentMetrics(scheduler, collector)
+    _exporters[collector] = LRAgentMetrics(scheduler, collector, rt.scheme)
     logger.info("lragent metrics: exporting %s* from this scheduler", PREFIX)
 
 
@@ -219,21 +220,3 @@ def export_after_log_stats(result: Any, collector: Any, *args: Any, **kwargs: An
     exporter = _exporters.get(collector)
     if exporter is not None:
         exporter.safe_update()
-
-
-def register_hooks() -> None:
-    """Idempotent: `stats.register_hooks` calls it for every scheme, `backends` again
-    for the base-sharing ones."""
-    global _registered
-    if _registered:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler.Scheduler.init_metrics_reporter", attach_exporter, HookType.AFTER
-    )
-    HookRegistry.register(
-        "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats",
-        export_after_log_stats, HookType.AFTER,
-    )
-    _registered = True

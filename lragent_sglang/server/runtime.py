@@ -1,44 +1,44 @@
-"""Per-process LRAgent state shared by the cache backend, the attention backend and the
-LoRA hooks of one SGLang scheduler process.
+"""Per-process LRAgent state of one SGLang scheduler: what the cache backend, the attention
+backend and the LoRA hooks share.
 
 SGLang builds the LoRA pool, the KV pool, the attention backend and the tree cache at
-different moments and hands none of them to the others; they meet here. Created lazily
-by whichever part needs it first, from `ServerArgs`, which every part can reach.
+different moments and hands none of them to the others; they meet here. The plugin
+creates one `LRAgentRuntime` per process from the launch configuration and hands it to
+every hook and factory (`patches`). `bind` completes it from SGLang's `ServerArgs` on
+first use; `attach_model_runner` builds the LR pool and the v_proj weight stacks once the
+model runner's KV pool and LoRA manager exist (SGLang builds the attention backend then).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Hashable
 
 import torch
 
-from lragent_sglang.config import DEFAULT_LR_BASIS, ConfigError, lr_basis_from_env, scheme_from_env
-from lragent_sglang.joint_basis import JOINT, SHARED_A, GroupBasis, joint_group, shared_a_group
-from lragent_sglang.lr_pool import LRTokenPool
+from lragent_sglang.adapters.joint_basis import GroupBasis
+from lragent_sglang.scheme import LRBasis, Scheme
+from lragent_sglang.server.config import LRAgentConfig, selected
+from lragent_sglang.server import lora_split
+from lragent_sglang.server.lora_split import LRWeights, start_up_group
+from lragent_sglang.server.lr_pool import LRTokenPool
 
 logger = logging.getLogger(__name__)
 
-BASE_SHARING = ("base-shared", "base-lr-shared")
+#: the tree's LR key of every request in base-lr-shared (one LR cache for all adapters)
 SHARED_LR_KEY = "shared-lr"
 
 
-def selected(server_args: Any) -> bool:
-    """Both `lragent` backends are selected: nothing of ours may act otherwise."""
-    return server_args.attention_backend == "lragent" and server_args.radix_cache_backend == "lragent"
-
-
-def uses_lr_cache(scheme: str, server_args: Any) -> bool:
+def uses_lr_cache(scheme: Scheme, server_args: Any) -> bool:
     """V is split into shared V_base and an LR cache: a base-sharing scheme, LoRA on,
     and our backends selected."""
-    return scheme in BASE_SHARING and bool(server_args.enable_lora) and selected(server_args)
+    return scheme.shares_base and bool(server_args.enable_lora) and selected(server_args)
 
 
-def lr_multiplicity(scheme: str, server_args: Any) -> int:
+def lr_multiplicity(scheme: Scheme, server_args: Any) -> int:
     """LR rows one KV token may need: one per adapter in base-shared, one in base-lr-shared."""
-    if scheme == "base-lr-shared":
+    if scheme.one_lr_cache:
         return 1
     n = server_args.max_loaded_loras or len(server_args.lora_paths or []) or server_args.max_loras_per_batch
     return max(1, int(n))
@@ -49,70 +49,84 @@ def kv_bytes_per_token(kv_pool: Any) -> int:
     return sum(b[0].numel() * b.element_size() for b in (*kv_pool.k_buffer, *kv_pool.v_buffer))
 
 
-def start_up_group(lora_paths: Any, lr_basis: str) -> GroupBasis | None:
-    """The group the `--lora-paths` adapters form in base-lr-shared (None without any):
-    the first one's v_proj A (shared-a) or the joint basis of all (joint). Built once per
-    process; the LR width, the adapter load check and the start-up A stack all read it."""
-    from lragent_sglang.adapter_check import lora_pairs
-
-    return _group_of(tuple(lora_pairs(lora_paths)), lr_basis)
-
-
-@functools.lru_cache(maxsize=4)
-def _group_of(pairs: tuple[tuple[str, str], ...], lr_basis: str) -> GroupBasis | None:
-    from lragent_sglang.adapter_check import v_proj_a
-
-    if not pairs:
-        return None
-    if lr_basis == SHARED_A:
-        name, path = pairs[0]
-        return shared_a_group(name, v_proj_a(path))
-    return joint_group([(name, v_proj_a(path)) for name, path in pairs])
-
-
-def lr_width(server_args: Any, lr_basis: str = DEFAULT_LR_BASIS) -> int:
+def lr_width(server_args: Any, lr_basis: LRBasis) -> int:
     """LR row width: the joint basis's (joint), else `--max-lora-rank`, else the largest
     rank among the adapters. SGLang's `--max-lora-rank` stays the adapters' r either way."""
-    if lr_basis == JOINT:
+    from lragent_sglang.scheme import ConfigError
+
+    if lr_basis is LRBasis.JOINT:
         group = start_up_group(server_args.lora_paths, lr_basis)
         if group is None:
-            raise ConfigError("--lragent-lr-basis joint needs the adapters at start-up (--lora-paths)")
+            raise ConfigError(f"--lragent-lr-basis {LRBasis.JOINT} needs the adapters at start-up (--lora-paths)")
         return group.width
-    from lragent_sglang.adapter_check import max_rank
+    from lragent_sglang.adapters.io import max_rank
 
     return int(server_args.max_lora_rank or max_rank(server_args.lora_paths))
 
 
-def lr_bytes_per_token(server_args: Any, num_layers: int, dtype: torch.dtype) -> int:
-    """Bytes the LR pool reserves per KV token (added to SGLang's per-token cell size)."""
-    rt = get_runtime(server_args)
-    if not rt.enabled:
-        return 0
-    return lr_multiplicity(rt.scheme, server_args) * LRTokenPool.bytes_per_slot(rt.width, num_layers, dtype)
-
-
 @dataclass
-class LRAgentRuntime:
-    """What the parts of one scheduler process share (see module docstring)."""
+class ForwardState:
+    """What the attention backend prepares for the LoRA split of the current forward."""
 
-    scheme: str
-    enabled: bool  # an LR cache exists (base-sharing scheme with LoRA on)
-    width: int  # LR row width: max LoRA rank, or the joint basis's width
-    lr_basis: str = DEFAULT_LR_BASIS
-    num_layers: int = 0
-    lr_pool: LRTokenPool | None = None
-    # Per layer: [n_buffer_slots, H_kv, width, D] up-projections of v, scaling folded in.
-    b_v: list[torch.Tensor] = field(default_factory=list)
-    # Per layer: [n_buffer_slots, width, hidden] (base-shared) or [1, width, hidden] (group).
-    a_v: list[torch.Tensor] = field(default_factory=list)
-    slot_uid: dict[int, str | None] = field(default_factory=dict)
-    group: GroupBasis | None = None  # base-lr-shared: the rows of the one LR cache
-    # Per forward: LoRA buffer slot of every token, and L rows waiting for attention.
-    token_slot: torch.Tensor | None = None
-    pending_lr: dict[int, torch.Tensor] = field(default_factory=dict)
-    # Requests whose next extend has an LR-prefill gap (set at allocation, read by the
-    # attention backend without a device sync).
-    gap_rids: set[str] = field(default_factory=set)
+    token_slot: torch.Tensor | None = None  # [tokens] LoRA buffer slot of every token
+    lr_out_loc: torch.Tensor | None = None  # [tokens] LR pool slot every new token's L row goes to
+
+
+class LRAgentRuntime:
+    """See module docstring."""
+
+    def __init__(self, config: LRAgentConfig) -> None:
+        self.config = config
+        self.bound = False
+        self.enabled = False  # an LR cache exists (base-sharing scheme, LoRA on, our backends)
+        self.width = 0  # LR row width: max LoRA rank, or the joint basis's width
+        self.lr_pool: LRTokenPool | None = None
+        self.weights: LRWeights | None = None
+        self.group: GroupBasis | None = None  # base-lr-shared: the rows of the one LR cache
+        self.forward = ForwardState()
+        # Requests whose next extend has an LR-prefill gap (set at allocation, read by the
+        # attention backend without a device sync).
+        self.gap_rids: set[str] = set()
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.config.scheme
+
+    def bind(self, server_args: Any) -> "LRAgentRuntime":
+        """Complete the runtime from SGLang's server arguments (once; later calls return it)."""
+        if not self.bound:
+            self.enabled = uses_lr_cache(self.scheme, server_args)
+            self.width = lr_width(server_args, self.config.lr_basis)
+            self.bound = True
+            logger.info("lragent runtime: scheme=%s, lr cache=%s, LR width %d (lr basis %s)",
+                        self.scheme, self.enabled, self.width, self.config.lr_basis)
+        return self
+
+    def lr_bytes_per_token(self, server_args: Any, num_layers: int, dtype: torch.dtype) -> int:
+        """Bytes the LR pool reserves per KV token (added to SGLang's per-token cell size)."""
+        self.bind(server_args)
+        if not self.enabled:
+            return 0
+        return lr_multiplicity(self.scheme, server_args) * LRTokenPool.bytes_per_slot(self.width, num_layers, dtype)
+
+    def attach_model_runner(self, runner: Any) -> None:
+        """Build the LR pool and the v_proj weight stacks for this runner's pools (once).
+
+        In base-lr-shared the group's rows are written at once: SGLang copies an adapter
+        into its buffers only when a batch first uses it, but the shared LR rows must be
+        right from the first request on, no-adapter ones included (a fork's prefix commit).
+        """
+        self.bind(runner.server_args)
+        if not self.enabled or self.lr_pool is not None:
+            return
+        self.lr_pool = create_lr_pool(runner, self)
+        manager = runner.lora_manager
+        lora_split.tag_layer_ids(manager.lora_modules)
+        self.weights = lora_split.weight_stacks(self, manager.memory_pool)
+        if self.scheme.one_lr_cache:
+            group = start_up_group(runner.server_args.lora_paths, self.config.lr_basis)
+            if group is not None:
+                lora_split.set_group(self, group)
 
     def take_gap(self, rids: list[str] | None) -> bool:
         """Whether any of these requests was allocated a gap; forgets them."""
@@ -126,39 +140,29 @@ class LRAgentRuntime:
         """The tree's LR key of a request: its adapter, the shared group, or None."""
         if not self.enabled:
             return None
-        if self.scheme == "base-lr-shared":
+        if self.scheme.one_lr_cache:
             return SHARED_LR_KEY
         return lora_id
 
-    def init_weight_stacks(self, n_slots: int, num_layers: int, h_kv: int, head_dim: int,
-                           hidden: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.num_layers = num_layers
-        a_slots = 1 if self.scheme == "base-lr-shared" else n_slots
-        self.b_v = [torch.zeros(n_slots, h_kv, self.width, head_dim, dtype=dtype, device=device)
-                    for _ in range(num_layers)]
-        self.a_v = [torch.zeros(a_slots, self.width, hidden, dtype=dtype, device=device)
-                    for _ in range(num_layers)]
+
+def create_lr_pool(runner: Any, rt: LRAgentRuntime) -> LRTokenPool:
+    """One LR row per KV slot and LR key that may need it; logged next to the KV capacity."""
+    kv_size = runner.token_to_kv_pool_allocator.size
+    size = kv_size * lr_multiplicity(rt.scheme, runner.server_args)
+    req_to_token = runner.req_to_token_pool.req_to_token
+    pool = LRTokenPool(
+        size=size, width=rt.width, num_layers=runner.model_config.num_hidden_layers,
+        dtype=runner.kv_cache_dtype if runner.kv_cache_dtype.is_floating_point else runner.dtype,
+        device=runner.device, max_reqs=req_to_token.shape[0], max_context_len=req_to_token.shape[1],
+    )
+    logger.info(
+        "lragent memory: base KV %d tokens; LR pool %d rows x %d wide (%.1f MB, scheme %s)",
+        kv_size, size, rt.width, pool.total_bytes / 2**20, rt.scheme,
+    )
+    return pool
 
 
-_RUNTIME: LRAgentRuntime | None = None
-
-
-def get_runtime(server_args: Any | None = None) -> LRAgentRuntime:
-    """This process's runtime; the first call must pass `server_args`."""
-    global _RUNTIME
-    if _RUNTIME is None:
-        if server_args is None:
-            from sglang.srt.server_args import get_global_server_args
-
-            server_args = get_global_server_args()
-        scheme = scheme_from_env()
-        lr_basis = lr_basis_from_env(scheme)
-        _RUNTIME = LRAgentRuntime(
-            scheme=scheme,
-            enabled=uses_lr_cache(scheme, server_args),
-            width=lr_width(server_args, lr_basis),
-            lr_basis=lr_basis,
-        )
-        logger.info("lragent runtime: scheme=%s, lr cache=%s, LR width %d (lr basis %s)",
-                    scheme, _RUNTIME.enabled, _RUNTIME.width, lr_basis)
-    return _RUNTIME
+def add_lr_bytes(rt: LRAgentRuntime, cell_size: int, configurator: Any, kvc: Any, num_layers: int) -> int:
+    """AFTER hook of SGLang's per-token KV cost: the LR pool is part of the same budget,
+    so `--mem-fraction-static` means what it means in stock SGLang."""
+    return cell_size + rt.lr_bytes_per_token(kvc.server_args, num_layers, kvc.kv_cache_dtype)

@@ -19,8 +19,9 @@ from typing import Any
 
 from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 
-from lragent_sglang.config import scheme_from_env
-from lragent_sglang.runtime import SHARED_LR_KEY, kv_bytes_per_token, selected
+from lragent_sglang.scheme import Scheme
+from lragent_sglang.server.config import selected
+from lragent_sglang.server.runtime import SHARED_LR_KEY, LRAgentRuntime, kv_bytes_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ def first_look(req: Any) -> bool:
     """True once per request: SGLang matches a waiting request again at every scheduling
     attempt (and the priority path without a request), which must not count twice.
     Never for SGLang's health checks, which its own request metrics skip too."""
-    if req is None or getattr(req, "lragent_counted", False) or str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
+    if req is None or req.lragent.counted or str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
         return False
-    req.lragent_counted = True
+    req.lragent.counted = True
     return True
 
 
@@ -173,10 +174,10 @@ def stock_state(cache: Any) -> dict[str, Any]:
     return state
 
 
-def lragent_state(scheduler: Any) -> dict[str, Any]:
+def lragent_state(scheduler: Any, scheme: Scheme) -> dict[str, Any]:
     """The scheduler's statistics, names resolved (see README "Statistics")."""
     cache = scheduler.tree_cache
-    state: dict[str, Any] = {"scheme": scheme_from_env()}
+    state: dict[str, Any] = {"scheme": str(scheme)}
     if hasattr(cache, "stats"):
         state.update(cache.stats())
     elif hasattr(cache, "evictable_size") and hasattr(cache, "token_to_kv_pool_allocator"):
@@ -188,9 +189,9 @@ def lragent_state(scheduler: Any) -> dict[str, Any]:
     return state
 
 
-def add_internal_state(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+def add_internal_state(rt: LRAgentRuntime, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER hook of `Scheduler.get_internal_state`."""
-    result.internal_state["lragent"] = lragent_state(scheduler)
+    result.internal_state["lragent"] = lragent_state(scheduler, rt.scheme)
 
 
 def add_stats_route() -> None:
@@ -202,20 +203,3 @@ def add_stats_route() -> None:
         return {"schedulers": [s.get("lragent", {}) for s in states]}
 
     http_server.app.get("/lragent/stats")(lragent_stats)
-
-
-def register_hooks() -> None:
-    """The statistics hooks and, with them, their Prometheus exporter, for every scheme."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    from lragent_sglang import metrics
-
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler.Scheduler.get_internal_state", add_internal_state, HookType.AFTER
-    )
-    HookRegistry.register(
-        "sglang.srt.mem_cache.radix_cache.RadixCache.match_prefix", count_stock_match, HookType.AFTER
-    )
-    HookRegistry.register("sglang.srt.mem_cache.radix_cache.RadixCache.evict", count_stock_evict, HookType.AFTER)
-    HookRegistry.register("sglang.srt.mem_cache.radix_cache.RadixCache.reset", reset_stock_stats, HookType.AFTER)
-    metrics.register_hooks()

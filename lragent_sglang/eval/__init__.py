@@ -1,0 +1,1 @@
+"""What KV sharing costs in output quality (`fidelity`; driven by scripts/eval_fidelity.py)."""

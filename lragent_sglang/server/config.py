@@ -1,0 +1,49 @@
+"""LRAgent settings that SGLang's ServerArgs has no field for, read once per process.
+
+Our launcher turns `--lragent-*` flags into environment variables; SGLang's spawned
+processes inherit them, so every process of one server sees the same settings. Users of
+the stock `sglang serve` set the variables themselves. `LRAgentConfig.from_env` is the
+only reader: the plugin calls it once when SGLang loads it and passes the result on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lragent_sglang.scheme import DEFAULT_LR_BASIS, DEFAULT_SCHEME, LRBasis, Scheme, check_lr_basis
+
+#: the name of both our backends (`--attention-backend`, `--radix-cache-backend`)
+BACKEND_NAME = "lragent"
+SCHEME_ENV = "LRAGENT_SCHEME"
+LR_BASIS_ENV = "LRAGENT_LR_BASIS"
+
+
+@dataclass(frozen=True)
+class LRAgentConfig:
+    """One server's sharing settings, checked together."""
+
+    scheme: Scheme = DEFAULT_SCHEME
+    lr_basis: LRBasis = DEFAULT_LR_BASIS
+
+    def __post_init__(self) -> None:
+        check_lr_basis(self.lr_basis, self.scheme)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "LRAgentConfig":
+        """The settings the launcher (or the user) put in the environment; ConfigError
+        naming the variable's bad value otherwise."""
+        return cls(
+            Scheme.parse(environ.get(SCHEME_ENV, DEFAULT_SCHEME)),
+            LRBasis.parse(environ.get(LR_BASIS_ENV, DEFAULT_LR_BASIS)),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        return {SCHEME_ENV: str(self.scheme), LR_BASIS_ENV: str(self.lr_basis)}
+
+
+def selected(server_args: Any) -> bool:
+    """Both our backends are selected: nothing of ours may act otherwise."""
+    return server_args.attention_backend == BACKEND_NAME and server_args.radix_cache_backend == BACKEND_NAME

@@ -1,0 +1,119 @@
+"""Every change LRAgent makes to SGLang, in one table, registered from one place.
+
+Each row names the SGLang function it changes, how (SGLang's `HookRegistry`: before,
+after or around the original), when it applies, and why. `install` registers the rows
+that apply to this process's configuration; SGLang applies them right after loading its
+plugins, in every process. Hooks that need the process's `LRAgentRuntime` get it bound
+in as their first argument. The CPU compatibility layer has two tables beside it: hooks
+(`cpu_patches` here) and what must happen before SGLang's modules import
+(`cpu_compat.EARLY`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+from lragent_sglang.server import allocation, cpu_compat, lora_split, metrics, request, runtime, stats
+from lragent_sglang.server.config import LRAgentConfig
+from lragent_sglang.server.runtime import LRAgentRuntime
+
+_ALLOC = "sglang.srt.mem_cache.allocation"
+_RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
+_SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+_XGRAMMAR = "sglang.srt.constrained.xgrammar_backend"
+
+
+def always(config: LRAgentConfig) -> bool:
+    return True
+
+
+def shares_base(config: LRAgentConfig) -> bool:
+    return config.scheme.shares_base
+
+
+def stock_cache(config: LRAgentConfig) -> bool:
+    """Our factory builds SGLang's own RadixCache (non-shared, full-shared)."""
+    return not config.scheme.shares_base
+
+
+def one_lr_cache(config: LRAgentConfig) -> bool:
+    return config.scheme.one_lr_cache
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One change to SGLang: `hook` runs `kind` ("before", "after", "around") `target`."""
+
+    target: str
+    hook: Callable[..., Any]
+    kind: str
+    when: Callable[[LRAgentConfig], bool]
+    why: str
+
+
+def sglang_patches(rt: LRAgentRuntime) -> tuple[Patch, ...]:
+    """The serving patches, with `rt` bound into the hooks that need it."""
+    return (
+        Patch("sglang.srt.managers.schedule_batch.Req.__init__", partial(request.init_request, rt), "after", always,
+              "give each request its RequestState; schemes that share across adapters drop the adapter id "
+              "SGLang appends to the cache key"),
+        Patch(f"{_ALLOC}.alloc_for_extend", allocation.fix_extend_alloc, "around", shares_base,
+              "an LR prefill reuses its gap's cached base slots; new tokens get LR slots"),
+        Patch(f"{_ALLOC}.alloc_for_decode", allocation.alloc_decode_lr, "after", shares_base,
+              "each decoding request with an LR key gets an LR slot"),
+        Patch("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+              partial(runtime.add_lr_bytes, rt), "after", shares_base,
+              "the LR pool counts in SGLang's per-token memory budget"),
+        Patch("sglang.srt.lora.lora_manager.LoRAManager.load_lora_weights", partial(lora_split.check_new_adapter, rt),
+              "around", one_lr_cache, "refuse an adapter the one LR cache's basis cannot serve exactly"),
+        Patch("sglang.srt.lora.lora_manager.LoRAManager.load_lora_weights_from_tensors",
+              partial(lora_split.check_new_adapter, rt), "around", one_lr_cache,
+              "the same for adapters loaded from tensors"),
+        Patch("sglang.srt.lora.mem_pool.LoRAMemoryPool.load_lora_weight_to_buffer",
+              partial(lora_split.capture_v_weights, rt), "after", shares_base,
+              "take v_proj's LoRA out of SGLang's QKV LoRA into the Flash-LoRA weight stacks"),
+        Patch("sglang.srt.lora.layers.QKVParallelLinearWithLoRA.forward", partial(lora_split.split_qkv_lora, rt),
+              "around", shares_base, "write each token's LR row x A_v to the LR pool"),
+        Patch(f"{_SCHEDULER}.get_internal_state", partial(stats.add_internal_state, rt), "after", always,
+              "carry our statistics to /server_info and /lragent/stats"),
+        Patch(f"{_RADIX}.match_prefix", stats.count_stock_match, "after", stock_cache,
+              "per-adapter hit counters on SGLang's own cache"),
+        Patch(f"{_RADIX}.evict", stats.count_stock_evict, "after", stock_cache, "eviction counter on SGLang's cache"),
+        Patch(f"{_RADIX}.reset", stats.reset_stock_stats, "after", stock_cache,
+              "/flush_cache restarts the counters with the cache"),
+        Patch(f"{_SCHEDULER}.init_metrics_reporter", partial(metrics.attach_exporter, rt), "after", always,
+              "export our statistics as Prometheus metrics next to SGLang's"),
+        Patch("sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats",
+              metrics.export_after_log_stats, "after", always, "publish on SGLang's own metrics cadence"),
+    )
+
+
+def cpu_patches() -> tuple[Patch, ...]:
+    """Hooks that let SGLang 0.5.17 serve on a machine without an accelerator."""
+    return (
+        Patch(f"{_XGRAMMAR}.XGrammarGrammar.apply_vocab_mask", cpu_compat.apply_vocab_mask, "around", always,
+              "constrained decoding masks CPU logits with xgrammar's CPU kernel"),
+        Patch(f"{_XGRAMMAR}.XGrammarGrammarBackend.apply_vocab_mask", cpu_compat.apply_vocab_mask, "around",
+              always, "the same for the backend-level mask"),
+        Patch("sglang.srt.utils.common.support_triton", cpu_compat.support_triton, "around", always,
+              "our backend's name takes SGLang's torch paths on CPU"),
+        Patch(f"{_ALLOC}.get_last_loc", cpu_compat.get_last_loc, "around", always,
+              "the torch version of a Triton-only helper"),
+        Patch("sglang.srt.entrypoints.engine.Engine._launch_subprocesses", cpu_compat.launch_subprocesses,
+              "around", always, "start the scheduler and detokenizer through entry points that patch first"),
+    )
+
+
+def install(rt: LRAgentRuntime | None, cpu: bool) -> list[Patch]:
+    """Register the rows that apply to this process (no serving rows without a runtime:
+    invalid settings); return them (for logs and tests)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    rows = [p for p in sglang_patches(rt) if p.when(rt.config)] if rt is not None else []
+    if cpu:
+        rows.extend(cpu_patches())
+    for row in rows:
+        HookRegistry.register(row.target, row.hook, HookType(row.kind))
+    return rows
