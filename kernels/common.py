@@ -10,6 +10,18 @@ Conventions (the same as SGLang's triton backend, page size 1):
 
 Scores are kept in the log2 domain inside the kernels (``exp2`` is the fast path), so the
 per-split LSE written by the decode kernel is ``log2(sum(exp(s)))``.
+
+Head dims that are not a power of two (80, 96, 112, ...) are tiled at the next power of two
+(``BLOCK_D``) with the loads and stores masked to the real ``D``, as SGLang's triton kernels
+do; for a power-of-two ``D`` the mask is a compile-time constant and folds away.
+
+Sliding window (``window``, SGLang's ``RadixAttention.sliding_window_size``): a query at
+position p sees the keys at positions ``p - window .. p``, i.e. ``window + 1`` keys with
+itself; ``window < 0`` means no window. This is FlashInfer's ``window_left`` (SGLang's
+flashinfer backend passes ``window_left=layer.sliding_window_size``), SGLang's
+torch_native mask ``k >= q - sliding_window_size`` and its triton extend mask
+``q <= k + SLIDING_WINDOW_SIZE``. Models set it to ``config.sliding_window - 1``
+(Gemma-2/3, OLMo-2), so it is HF's ``sliding_window`` keys counting the query's own.
 """
 
 from __future__ import annotations
@@ -67,10 +79,35 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+#: largest head dim the default tiles are sized for (Gemma-2/3's 256)
+MAX_HEAD_DIM = 256
+
+
 def check_head_dim(head_dim: int) -> None:
-    """The kernels tile the head dimension whole, so it must be a power of two >= 16."""
-    if head_dim < MIN_DOT_DIM or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= {MIN_DOT_DIM}, got {head_dim}")
+    """Any head dim up to 256: it is padded to a power of two in the kernels, and the
+    default tiles (shared memory, registers) are sized up to 256."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+
+
+def head_dim_block(head_dim: int) -> int:
+    """``BLOCK_D``: the head dim padded to a power of two that `tl.dot` accepts (>= 16)."""
+    return max(MIN_DOT_DIM, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def head_dim_mask(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK_D]`` mask of the real head dims. For a power-of-two D it is a constant
+    all-true splat, which Triton folds out of every mask it is and-ed into (the unpadded
+    build compiles to the same loads as without it)."""
+    if BLOCK_D == HEAD_DIM:
+        return tl.full([BLOCK_D], 1, tl.int1)
+    return tl.arange(0, BLOCK_D) < HEAD_DIM
+
+
+def window_or_none(window: int | None) -> int:
+    """A sliding window as the kernels take it: -1 for none (None or any negative value)."""
+    return -1 if window is None or window < 0 else window
 
 
 def score_scale(sm_scale: float, logit_cap: float) -> tuple[float, float]:

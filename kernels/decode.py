@@ -16,10 +16,16 @@ with their LSE weights and applies the adapter once: ``O = acc + acc_lr @ B``. B
 after the combine (exact, since the combine is linear) so it is read once per query head
 rather than once per split.
 
-Splitting: each request's tokens are cut into ``num_splits`` chunks of
-``round_up(ceil(kv_len / num_splits), BLOCK_N)`` tokens (chunks past the end are empty and
-their programs exit at once). Everything is derived on the device from ``kv_indptr``, so
-a launch needs no host sync and no allocation (CUDA-graph safe).
+Splitting: the keys a request's query sees (all ``kv_len`` of them, or with a sliding
+window the last ``min(kv_len, window + 1)``) are cut into ``num_splits`` chunks of
+``round_up(ceil(seen / num_splits), BLOCK_N)`` tokens (chunks past the end are empty and
+their programs exit at once). Tokens before the window are never read: no split starts
+there. Everything is derived on the device from ``kv_indptr`` and the window, so a launch
+needs no host sync and no allocation (CUDA-graph safe), and one plan serves layers with and
+without a window.
+
+Head dims that are not a power of two run at ``BLOCK_D = next_power_of_2(D)`` with masked
+loads and stores (common.py).
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ import triton.language as tl
 from .common import (
     check_head_dim,
     dot_precision,
+    head_dim_block,
+    head_dim_mask,
     lr_row_alignment,
     padded_rank,
     score_scale,
     soft_cap,
+    window_or_none,
 )
 
 
@@ -55,19 +64,24 @@ class DecodeConfig:
 
 
 def default_decode_config(device: torch.device, dtype: torch.dtype,
-                          long_splits: bool = True) -> DecodeConfig:
+                          long_splits: bool = True, head_dim: int = 128) -> DecodeConfig:
     """Tile options measured on an H100 (kernels/NOTES.md, item 6): 64-token tiles 3 stages
     deep for long splits (>= 4k tokens), 32-token tiles 4 deep for short ones (less pipeline
     fill per split). Register caps keep the LR build at the LR-off build's blocks per SM
     (uncapped, ptxas spends 166 registers on the LR build's register pipeline against 122).
-    Small tiles for fp32 (larger ones spill on sm_90) and under the interpreter."""
+    Small tiles for fp32 (larger ones spill on sm_90) and under the interpreter.
+
+    Head dims padded past 128 (Gemma's 256) take half as many tokens per tile: a stage then
+    holds the K / V bytes it holds at 128, and the same caps compile without spills (offline
+    sm_90 compile, kernels/NOTES.md item 7; uncapped, the LR build takes 191 registers)."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
+    shrink = max(1, head_dim_block(head_dim) // 128)
     if long_splits:
-        return DecodeConfig(block_n=64, num_warps=4, num_stages=3, maxnreg=104)
-    return DecodeConfig(block_n=32, num_warps=4, num_stages=4, maxnreg=96)
+        return DecodeConfig(block_n=64 // shrink, num_warps=4, num_stages=3, maxnreg=104)
+    return DecodeConfig(block_n=32 // shrink, num_warps=4, num_stages=4, maxnreg=96)
 
 
 def head_block(group: int) -> int:
@@ -76,14 +90,21 @@ def head_block(group: int) -> int:
 
 
 @triton.jit
-def _split_bounds(kv_indptr, b, split, num_splits, BLOCK_N: tl.constexpr):
-    """Start of request b's tokens in kv_indices, its length, and split `split`'s range."""
+def _split_bounds(kv_indptr, b, split, num_splits, window, BLOCK_N: tl.constexpr,
+                  USE_WINDOW: tl.constexpr):
+    """Start of request b's tokens in kv_indices, split `split`'s token range [lo, hi), and
+    the number of non-empty splits. The splits cover only the keys the query (the last
+    token, at position kv_len - 1) sees: with a window, positions kv_len - 1 - window on."""
     kv_start = tl.load(kv_indptr + b)
     kv_len = tl.load(kv_indptr + b + 1) - kv_start
-    chunk = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    first = 0
+    if USE_WINDOW:
+        first = tl.maximum(kv_len - 1 - window, 0)
+    chunk = tl.cdiv(tl.cdiv(kv_len - first, num_splits), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
     hi = tl.minimum(lo + chunk, kv_len)
-    return kv_start, kv_len, chunk, lo, hi
+    n_active = tl.cdiv(kv_len - first, tl.maximum(chunk, 1))
+    return kv_start, lo, hi, n_active
 
 
 @triton.jit
@@ -97,9 +118,11 @@ def _decode_split_kernel(
     stride_mo_b, stride_mo_s, stride_mo_h,
     stride_ml_b, stride_ml_s, stride_ml_h,
     stride_me_b, stride_me_s,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    window,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LR_ALIGN: tl.constexpr,
-    HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     head_blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -111,25 +134,28 @@ def _decode_split_kernel(
     mask_h = in_group < GROUP
     heads = kv_head * GROUP + in_group
 
-    kv_start, kv_len, chunk, lo, hi = _split_bounds(kv_indptr, b, split, num_splits, BLOCK_N)
+    kv_start, lo, hi, n_active = _split_bounds(kv_indptr, b, split, num_splits, window,
+                                               BLOCK_N, USE_WINDOW)
     if lo >= hi:
         return
 
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = head_dim_mask(HEAD_DIM, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     # L tiles are BLOCK_R wide; the padding columns re-read the row's own values instead of
     # being masked (row-only masks keep the gathers vectorised) and meet B's zero rows.
     lr_cols = offs_r % RANK
     # Padded head rows load q = 0: their scores stay finite and they are never stored.
+    # Padded head dims load 0 in q and K, so they add nothing to the scores.
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None], other=0.0)
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
 
     if HAS_LR:
         use_lr = tl.load(adapter_ids + b) >= 0
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     acc_lr = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
 
     for start in range(lo, hi, BLOCK_N):
@@ -138,7 +164,7 @@ def _decode_split_kernel(
         slot = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
 
         k = tl.load(K + slot[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
-                    mask=mask_n[None, :], other=0.0)
+                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PREC) * pre_scale
         if USE_CAP:
             s = soft_cap(s, logit_cap)
@@ -150,7 +176,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
 
         v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0)
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
 
         if HAS_LR:
@@ -164,7 +190,7 @@ def _decode_split_kernel(
 
     inv_l = 1.0 / l_i
     tl.store(MidO + b * stride_mo_b + split * stride_mo_s + heads[:, None] * stride_mo_h
-             + offs_d[None, :], acc * inv_l[:, None], mask=mask_h[:, None])
+             + offs_d[None, :], acc * inv_l[:, None], mask=mask_h[:, None] & mask_d[None, :])
     tl.store(MidLSE + b * stride_me_b + split * stride_me_s + heads, m_i + tl.log2(l_i),
              mask=mask_h)
     if HAS_LR:
@@ -181,8 +207,10 @@ def _decode_combine_kernel(
     stride_me_b, stride_me_s,
     stride_ob, stride_oh,
     stride_ba, stride_bh, stride_br,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_LR: tl.constexpr,
+    window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    HAS_LR: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):
     # One program per (request, query head); all splits are loaded at once (a loop over
     # splits would chain their load latencies: with 64 splits that cost as much as stage 1).
@@ -190,11 +218,12 @@ def _decode_combine_kernel(
     head = tl.program_id(1)
     kv_head = head // GROUP
 
-    kv_start, kv_len, chunk, lo, hi = _split_bounds(kv_indptr, b, 0, num_splits, BLOCK_N)
-    n_active = tl.cdiv(kv_len, tl.maximum(chunk, 1))
+    kv_start, lo, hi, n_active = _split_bounds(kv_indptr, b, 0, num_splits, window, BLOCK_N,
+                                               USE_WINDOW)
     offs_s = tl.arange(0, MAX_SPLITS)
     mask_s = offs_s < n_active
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = head_dim_mask(HEAD_DIM, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
 
     if HAS_LR:
@@ -202,7 +231,7 @@ def _decode_combine_kernel(
         adapter = tl.load(adapter_ids + b)
         bw = tl.load(Bw + tl.maximum(adapter, 0).to(tl.int64) * stride_ba + kv_head * stride_bh
                      + offs_r[:, None] * stride_br + offs_d[None, :],
-                     mask=(offs_r[:, None] < RANK) & (adapter >= 0), other=0.0)
+                     mask=(offs_r[:, None] < RANK) & (adapter >= 0) & mask_d[None, :], other=0.0)
         lr_s = tl.load(MidLR + b * stride_ml_b + offs_s[:, None] * stride_ml_s + head * stride_ml_h
                        + offs_r[None, :], mask=mask_s[:, None], other=0.0)
     lse = tl.load(MidLSE + b * stride_me_b + offs_s * stride_me_s + head, mask=mask_s,
@@ -213,12 +242,13 @@ def _decode_combine_kernel(
     l_sum = tl.sum(w, 0)
     inv_l = tl.where(l_sum > 0, 1.0 / l_sum, 0.0)
     o_s = tl.load(MidO + b * stride_mo_b + offs_s[:, None] * stride_mo_s + head * stride_mo_h
-                  + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+                  + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     out = tl.sum(w[:, None] * o_s, 0) * inv_l
     if HAS_LR:
         p_l = tl.sum(w[:, None] * lr_s, 0) * inv_l  # (P L) for this head, [BLOCK_R]
         out += tl.sum(p_l[:, None] * bw.to(tl.float32), 0)
-    tl.store(O + b * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
+    tl.store(O + b * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
+             mask=mask_d)
 
 
 def flash_lora_decode(
@@ -239,10 +269,12 @@ def flash_lora_decode(
     adapter_ids: torch.Tensor | None = None,
     mid_lr: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Launch both stages; no allocation, no host sync (config: default_decode_config).
 
-    Shapes: q, out ``[batch, H_q, D]``; k/v_buffer ``[slots, H_kv, D]``;
+    ``window``: sliding window (common.py: the query at position p sees keys p - window .. p;
+    None or -1: all keys). Shapes: q, out ``[batch, H_q, D]``; k/v_buffer ``[slots, H_kv, D]``;
     kv_indptr ``[batch + 1]``; kv_indices / lr_indices ``[kv_indptr[-1]]``;
     lr_buffer ``[lr_slots, R]``; b_weights ``[n_adapters, H_kv, R, D]``; adapter_ids
     ``[batch]`` int32 (-1: none). Workspace: mid_o ``[batch, >= num_splits, H_q, D]`` fp32,
@@ -255,9 +287,10 @@ def flash_lora_decode(
     group = n_qo // n_kv
     block_h = head_block(group)
     grid_heads = n_kv * triton.cdiv(group, block_h)
-    cfg = config or default_decode_config(q.device, q.dtype)
+    cfg = config or default_decode_config(q.device, q.dtype, head_dim=head_dim)
     prec = dot_precision(q.dtype)
     pre, post = score_scale(sm_scale, logit_cap)
+    window = window_or_none(window)
 
     has_lr = lr_buffer is not None
     if has_lr:
@@ -282,9 +315,11 @@ def flash_lora_decode(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         *ml_strides,
         mid_lse.stride(0), mid_lse.stride(1),
-        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=block_r,
-        BLOCK_N=cfg.block_n, LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1,
-        HAS_LR=has_lr, USE_CAP=logit_cap > 0, DOT_PREC=prec,
+        window,
+        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim),
+        RANK=rank, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+        LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1,
+        HAS_LR=has_lr, USE_CAP=logit_cap > 0, USE_WINDOW=window >= 0, DOT_PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     _decode_combine_kernel[(batch, n_qo)](
@@ -295,8 +330,10 @@ def flash_lora_decode(
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         *b_strides,
-        GROUP=group, HEAD_DIM=head_dim, RANK=rank, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-        MAX_SPLITS=triton.next_power_of_2(num_splits), HAS_LR=has_lr,
+        window,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), RANK=rank,
+        BLOCK_R=block_r, BLOCK_N=cfg.block_n, MAX_SPLITS=triton.next_power_of_2(num_splits),
+        HAS_LR=has_lr, USE_WINDOW=window >= 0,
         num_warps=4 if q.device.type == "cuda" else 1,
     )
     return out

@@ -10,10 +10,12 @@ import torch
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-            logit_cap: float, first_query_pos: int) -> torch.Tensor:
+            logit_cap: float, first_query_pos: int, window: int | None) -> torch.Tensor:
     """q ``[M, H_q, D]`` at positions first_query_pos.., k/v ``[N, H_kv, D]`` -> ``[M, H_q, D]``.
 
-    Query i sees keys 0 .. first_query_pos + i (causal within the request).
+    Query i (at position p = first_query_pos + i) sees keys 0 .. p (causal within the
+    request), and with a window (>= 0) only keys p - window .. p, as SGLang's torch_native
+    backend masks ``k_pos >= q_pos - sliding_window_size``.
     """
     n_qo, n_kv = q.shape[1], k.shape[1]
     group = n_qo // n_kv
@@ -24,7 +26,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
         s = logit_cap * torch.tanh(s / logit_cap)
     q_pos = first_query_pos + torch.arange(q.shape[0], device=q.device)
     k_pos = torch.arange(k.shape[0], device=q.device)
-    s = s.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    hidden = k_pos[None, :] > q_pos[:, None]
+    if window is not None and window >= 0:
+        hidden |= k_pos[None, :] < q_pos[:, None] - window
+    s = s.masked_fill(hidden[None], float("-inf"))
     p = torch.softmax(s, dim=-1)
     return torch.einsum("hmn,nhd->mhd", p, v)
 
@@ -43,7 +48,7 @@ def extend_reference(
     kv_indices: torch.Tensor, sm_scale: float, logit_cap: float = 0.0,
     lr_extend: torch.Tensor | None = None, lr_buffer: torch.Tensor | None = None,
     lr_indices: torch.Tensor | None = None, b_weights: torch.Tensor | None = None,
-    adapter_ids: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None, window: int | None = None,
 ) -> torch.Tensor:
     """Same arguments as `flash_lora_extend`; returns ``[n_extend, H_q, D]`` float64."""
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
@@ -59,7 +64,7 @@ def extend_reference(
             lr_slots = lr_indices[kv[b]:kv[b + 1]].long()
             lr = torch.cat([lr_buffer[lr_slots], lr_extend[ext]]).double()
         v = _values(v_base, lr, b_weights, adapter)
-        out[ext] = _attend(q[ext].double(), k, v, sm_scale, logit_cap, len(slots))
+        out[ext] = _attend(q[ext].double(), k, v, sm_scale, logit_cap, len(slots), window)
     return out
 
 
@@ -68,6 +73,7 @@ def decode_reference(
     kv_indices: torch.Tensor, sm_scale: float, logit_cap: float = 0.0,
     lr_buffer: torch.Tensor | None = None, lr_indices: torch.Tensor | None = None,
     b_weights: torch.Tensor | None = None, adapter_ids: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Same arguments as `flash_lora_decode`; returns ``[batch, H_q, D]`` float64.
 
@@ -85,5 +91,6 @@ def decode_reference(
         if adapter >= 0:
             lr = lr_buffer[lr_indices[kv[b]:kv[b + 1]].long()].double()
         v = _values(v_buffer[slots].double(), lr, b_weights, adapter)
-        out[b] = _attend(q[b:b + 1].double(), k, v, sm_scale, logit_cap, len(slots) - 1)[0]
+        out[b] = _attend(q[b:b + 1].double(), k, v, sm_scale, logit_cap, len(slots) - 1,
+                         window)[0]
     return out

@@ -11,6 +11,12 @@ Paging is token-granular (page size 1), as in SGLang's triton backend:
   ``[slots, H_kv, D]``) and of ``lr_indices`` (slots of the LR pool, ``[lr_slots, R]``).
 - ``adapter_ids [batch]`` (int32): row of ``B [n_adapters, H_kv, R, D]`` (alpha / r folded
   in) for each request, -1 for none. Without adapter_ids / lr_buffer the LR term is off.
+
+What differs between layers is a ``run`` argument: ``window`` (SGLang's
+``layer.sliding_window_size``: a query at position p sees keys p - window .. p; None or -1
+for none; Gemma alternates windowed and global layers), and ``sm_scale`` / ``logit_cap``
+(``layer.scaling``, e.g. Gemma's query_pre_attn_scalar ** -0.5, and ``layer.logit_cap``),
+which default to the values given to ``plan``. So one plan serves every layer of a batch.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import torch
 import triton
 
-from .common import padded_rank
+from .common import padded_rank, window_or_none
 from .decode import DecodeConfig, default_decode_config, flash_lora_decode, head_block
 from .extend import ExtendConfig, flash_lora_extend
 
@@ -109,13 +115,7 @@ class FlashLoRADecodeWrapper:
         self._mid_lr_view = self._mid_lr[: batch * splits * h * self._r_pad].view(
             batch, splits, h, self._r_pad)
         self._mid_lse_view = self._mid_lse[: batch * splits * h].view(batch, splits, h)
-        self.batch, self.num_kv_splits = batch, splits
-        if max_kv_len is not None:
-            long_splits = max_kv_len // splits >= LONG_SPLIT_TOKENS
-        else:
-            long_splits = splits <= 2
-        self._run_config = self.config or default_decode_config(self.device, torch.bfloat16,
-                                                                long_splits)
+        self.batch, self.num_kv_splits, self.max_kv_len = batch, splits, max_kv_len
         self.kv_indptr, self.kv_indices = kv_indptr, kv_indices
         self.lr_indices, self.adapter_ids = lr_indices, adapter_ids
         self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
@@ -123,12 +123,34 @@ class FlashLoRADecodeWrapper:
         self._planned = True
         logger.debug("decode plan: batch=%d splits=%d lr=%s", batch, splits, lr_indices is not None)
 
+    def splits_and_tiles(self, window: int | None,
+                         dtype: torch.dtype = torch.bfloat16) -> tuple[int, DecodeConfig]:
+        """Split count and tiles for a layer with this window (host arithmetic only).
+
+        With window w a query sees at most w + 1 keys, so the layer gets no more splits than
+        ``ceil((w + 1) / min_split_len)`` (in the plan's workspace) and tiles for that split
+        length. Depends only on the plan and the window: a CUDA graph captured for a layer
+        replays with the same choice.
+        """
+        splits, seen = self.num_kv_splits, self.max_kv_len
+        window = window_or_none(window)
+        if window >= 0:
+            splits = max(1, min(splits, triton.cdiv(window + 1, self.min_split_len)))
+            seen = window + 1 if seen is None else min(seen, window + 1)
+        long_splits = seen // splits >= LONG_SPLIT_TOKENS if seen is not None else splits <= 2
+        config = self.config or default_decode_config(self.device, dtype, long_splits,
+                                                      self.head_dim)
+        return splits, config
+
     def run(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
             lr_buffer: torch.Tensor | None = None, b_weights: torch.Tensor | None = None, *,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, window: int | None = None,
+            sm_scale: float | None = None, logit_cap: float | None = None) -> torch.Tensor:
         """One layer: q ``[batch, H_q, D]``, k/v_buffer ``[slots, H_kv, D]``, lr_buffer
         ``[lr_slots, R]`` (R <= max_lr_rank), b_weights ``[n_adapters, H_kv, R, D]``;
         returns out ``[batch, H_q, D]`` (q's dtype). Pass ``out`` to allocate nothing.
+        ``window``: this layer's sliding window (None or -1: none); ``sm_scale`` /
+        ``logit_cap``: this layer's, if not the plan's.
         """
         if not self._planned:
             raise RuntimeError("call plan() before run()")
@@ -141,13 +163,15 @@ class FlashLoRADecodeWrapper:
         if has_lr:
             r_pad = padded_rank(lr_buffer.shape[1])
             mid_lr = self._mid_lr_view[..., :r_pad]
+        splits, config = self.splits_and_tiles(window, q.dtype)
         return flash_lora_decode(
             q, k_buffer, v_buffer, out, self.kv_indptr, self.kv_indices,
-            self._mid_o_view, self._mid_lse_view, self.num_kv_splits, self.sm_scale,
-            self.logit_cap,
+            self._mid_o_view, self._mid_lse_view, splits,
+            self.sm_scale if sm_scale is None else sm_scale,
+            self.logit_cap if logit_cap is None else logit_cap,
             lr_buffer=lr_buffer if has_lr else None, lr_indices=self.lr_indices,
             b_weights=b_weights, adapter_ids=self.adapter_ids, mid_lr=mid_lr,
-            config=self.config or (None if q.dtype == torch.float32 else self._run_config),
+            config=config, window=window,
         )
 
 
@@ -197,10 +221,13 @@ class FlashLoRAExtendWrapper:
     def run(self, q: torch.Tensor, k_extend: torch.Tensor, v_extend: torch.Tensor,
             k_buffer: torch.Tensor, v_buffer: torch.Tensor, lr_extend: torch.Tensor | None = None,
             lr_buffer: torch.Tensor | None = None, b_weights: torch.Tensor | None = None, *,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, window: int | None = None,
+            sm_scale: float | None = None, logit_cap: float | None = None) -> torch.Tensor:
         """One layer: q ``[n_extend, H_q, D]``, k/v_extend ``[n_extend, H_kv, D]``, lr_extend
         ``[n_extend, R]``, k/v_buffer ``[slots, H_kv, D]``, lr_buffer ``[lr_slots, R]``,
         b_weights ``[n_adapters, H_kv, R, D]``; returns out ``[n_extend, H_q, D]``.
+        ``window``: this layer's sliding window (None or -1: none; kv_indices still lists
+        the whole prefix); ``sm_scale`` / ``logit_cap``: this layer's, if not the plan's.
         """
         if not self._planned:
             raise RuntimeError("call plan() before run()")
@@ -211,8 +238,10 @@ class FlashLoRAExtendWrapper:
             out = torch.empty_like(q)
         return flash_lora_extend(
             q, k_extend, v_extend, out, k_buffer, v_buffer, self.qo_indptr, self.kv_indptr,
-            self.kv_indices, self.max_extend_len, self.sm_scale, self.logit_cap,
+            self.kv_indices, self.max_extend_len,
+            self.sm_scale if sm_scale is None else sm_scale,
+            self.logit_cap if logit_cap is None else logit_cap,
             lr_extend=lr_extend if has_lr else None, lr_buffer=lr_buffer if has_lr else None,
             lr_indices=self.lr_indices, b_weights=b_weights, adapter_ids=self.adapter_ids,
-            config=self.config, max_prefix_len=self.max_prefix_len,
+            config=self.config, max_prefix_len=self.max_prefix_len, window=window,
         )
