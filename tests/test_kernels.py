@@ -1,8 +1,11 @@
 """Flash-LoRA kernels against the float64 reference that materialises V = V_base + L B.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 (set here, before triton is first
-imported by the kernels) with tiny fp32 shapes; `gpu` tests take larger shapes in bf16,
-fp16 and fp32. Every output is poisoned with NaN before a run, so an unwritten element fails.
+imported by the kernels) with tiny shapes, mostly fp32; `gpu` tests take larger shapes in
+bf16, fp16 and fp32. Every output is poisoned with NaN before a run, so an unwritten element
+fails. The served models' shapes are covered: head dims 64-256 (80 / 96 / 72 padded to a
+power of two in the kernels), GQA groups 1-8 (7: Qwen2.5-7B), sliding windows (Gemma-2/3,
+SGLang's ``sliding_window_size`` convention) and soft-caps.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lragent_sglang.kernels import (  # noqa: E402  (the env var must be set first)
+    DecodeConfig,
     FlashLoRADecodeWrapper,
     FlashLoRAExtendWrapper,
     decode_reference,
@@ -88,41 +92,52 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_decode(p: Problem, *, lr: bool = True, cap: float = 0.0, splits: int | None = None,
-               b_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               b_weights: torch.Tensor | None = None, window: int | None = None,
+               sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan and run the decode wrapper once; returns (output, float64 reference).
+
+    ``min_split_len=1`` lets a window keep the requested split count (the wrapper's rule
+    would merge the splits of short windows)."""
     n_qo, head_dim = p.q.shape[1], p.q.shape[2]
+    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
     w = FlashLoRADecodeWrapper(n_qo, p.k_buffer.shape[1], head_dim, device=p.q.device,
-                               max_lr_rank=p.lr_buffer.shape[1], workspace_rows=64)
+                               max_lr_rank=p.lr_buffer.shape[1], workspace_rows=64,
+                               min_split_len=1)
     w._mid_o.fill_(float("nan"))
     w._mid_lr.fill_(float("nan"))
     w._mid_lse.fill_(float("nan"))
     lr_plan = (p.lr_indices, p.adapter_ids) if lr else (None, None)
-    w.plan(p.kv_indptr, p.kv_indices, *lr_plan, logit_cap=cap, num_kv_splits=splits)
+    w.plan(p.kv_indptr, p.kv_indices, *lr_plan, sm_scale=scale, logit_cap=cap,
+           num_kv_splits=splits)
     out = torch.full_like(p.q, float("nan"))
     bw = p.b_weights if b_weights is None else b_weights
     lr_run = (p.lr_buffer, bw) if lr else (None, None)
-    w.run(p.q, p.k_buffer, p.v_buffer, *lr_run, out=out)
-    ref = decode_reference(p.q, p.k_buffer, p.v_buffer, p.kv_indptr, p.kv_indices,
-                           head_dim ** -0.5, cap, *(
-                               (p.lr_buffer, p.lr_indices, bw, p.adapter_ids) if lr else ()))
+    w.run(p.q, p.k_buffer, p.v_buffer, *lr_run, out=out, window=window)
+    ref = decode_reference(p.q, p.k_buffer, p.v_buffer, p.kv_indptr, p.kv_indices, scale, cap,
+                           *((p.lr_buffer, p.lr_indices, bw, p.adapter_ids) if lr else ()),
+                           window=window)
     return out, ref
 
 
 def run_extend(p: Problem, *, lr: bool = True, cap: float = 0.0,
-               b_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               b_weights: torch.Tensor | None = None, window: int | None = None,
+               sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan and run the extend wrapper once; returns (output, float64 reference)."""
     n_qo, head_dim = p.q.shape[1], p.q.shape[2]
+    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
     w = FlashLoRAExtendWrapper(n_qo, p.k_buffer.shape[1], head_dim, device=p.q.device)
     lr_plan = (p.lr_indices, p.adapter_ids) if lr else (None, None)
     max_prefix = int((p.kv_indptr[1:] - p.kv_indptr[:-1]).max())
-    w.plan(p.qo_indptr, p.kv_indptr, p.kv_indices, *lr_plan, logit_cap=cap,
+    w.plan(p.qo_indptr, p.kv_indptr, p.kv_indices, *lr_plan, sm_scale=scale, logit_cap=cap,
            max_prefix_len=max_prefix)
     out = torch.full_like(p.q, float("nan"))
     bw = p.b_weights if b_weights is None else b_weights
     lr_run = (p.lr_extend, p.lr_buffer, bw) if lr else (None, None, None)
-    w.run(p.q, p.k_extend, p.v_extend, p.k_buffer, p.v_buffer, *lr_run, out=out)
+    w.run(p.q, p.k_extend, p.v_extend, p.k_buffer, p.v_buffer, *lr_run, out=out, window=window)
     ref = extend_reference(p.q, p.k_extend, p.v_extend, p.k_buffer, p.v_buffer, p.qo_indptr,
-                           p.kv_indptr, p.kv_indices, head_dim ** -0.5, cap, *(
+                           p.kv_indptr, p.kv_indices, scale, cap, *(
                                (p.lr_extend, p.lr_buffer, p.lr_indices, bw, p.adapter_ids)
-                               if lr else ()))
+                               if lr else ()), window=window)
     return out, ref
 
 
@@ -155,6 +170,110 @@ def test_extend_cpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float)
                      n_kv=n_kv, head_dim=head_dim, rank=rank, dtype=torch.float32, seed=rank + 1)
     out, ref = run_extend(p, cap=cap)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+# The served models' attention shapes, a sample of the grid that touches every value:
+# Qwen2.5-7B's GQA group 7, Gemma-2/3's head_dim 256 with a soft-cap of 50 and a sliding
+# window on some layers, Phi-3's head_dim 96, and 80 / 72 (padded to 128 in the kernels).
+# The 16-bit cases are fp16: Triton 3.6's interpreter multiplies bf16 `tl.dot` operands as
+# their raw uint16 bits, so bf16 runs in the `gpu` tests only.
+MODEL_CASES = [
+    # group, n_kv, head_dim, rank, cap, window, lr, dtype
+    (7, 1, 128, 8, 0.0, 31, True, torch.float32),
+    (8, 1, 256, 16, 50.0, 31, True, torch.float16),
+    (2, 1, 256, 8, 50.0, None, False, torch.float32),
+    (1, 2, 96, 24, 0.0, 16, True, torch.float32),
+    (4, 1, 80, 8, 5.0, 0, True, torch.float32),
+    (4, 2, 64, 64, 0.0, 1000, False, torch.float16),
+    (7, 1, 72, 8, 30.0, 16, False, torch.float32),
+]
+MODEL_IDS = [f"g{c[0]}-d{c[2]}-r{c[3]}-cap{c[4]:g}-w{c[5]}-{'lr' if c[6] else 'nolr'}-"
+             f"{str(c[7]).split('.')[-1]}" for c in MODEL_CASES]
+
+
+def model_scale(head_dim: int) -> float:
+    """A softmax scale other than head_dim ** -0.5, as Gemma's query_pre_attn_scalar gives
+    (Gemma-2-27B: 144 ** -0.5 at head_dim 128)."""
+    return (1.125 * head_dim) ** -0.5
+
+
+@pytest.mark.parametrize("group,n_kv,head_dim,rank,cap,window,lr,dtype", MODEL_CASES,
+                         ids=MODEL_IDS)
+def test_decode_models_cpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float,
+                           window: int | None, lr: bool, dtype: torch.dtype) -> None:
+    # Against a window of 31 (32 keys with the query's own) the lengths are: shorter, one
+    # short, exact, one past, the window starting on a tile (48) and on the boundary of the
+    # windowless 2-way split (64), and well inside (70). 2 splits of 16 cut the 32 seen keys
+    # exactly in halves; with 3 the last one is empty.
+    lens = [1, 31, 32, 33, 48, 64, 70]
+    p = make_problem(lens, [1] * len(lens), [0, -1, 2, 1, 0, -1, 2], n_qo=group * n_kv,
+                     n_kv=n_kv, head_dim=head_dim, rank=rank, dtype=dtype, seed=head_dim + group)
+    for splits in (2, 3):
+        out, ref = run_decode(p, lr=lr, cap=cap, splits=splits, window=window,
+                              sm_scale=model_scale(head_dim))
+        assert rel_err(out, ref) < TOL[dtype], f"splits={splits}"
+
+
+@pytest.mark.parametrize("group,n_kv,head_dim,rank,cap,window,lr,dtype", MODEL_CASES,
+                         ids=MODEL_IDS)
+def test_extend_models_cpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float,
+                           window: int | None, lr: bool, dtype: torch.dtype) -> None:
+    # The windows of 16 and 31 are shorter than the 40-token prefix, and 16 is one tile
+    # (16 x 16 tiles here); 33 new tokens span three query blocks, so the window's lower
+    # edge falls in the prefix, in the new tokens and inside the diagonal block.
+    p = make_problem([0, 40, 17, 5], [19, 5, 33, 16], [1, -1, 0, 2], n_qo=group * n_kv,
+                     n_kv=n_kv, head_dim=head_dim, rank=rank, dtype=dtype,
+                     seed=head_dim + group + 1)
+    out, ref = run_extend(p, lr=lr, cap=cap, window=window, sm_scale=model_scale(head_dim))
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("window", [15, 33, 56, 69])
+def test_window_edges_cpu(window: int) -> None:
+    """Windows one short of a tile (15), one past two tiles (33), exactly the longest
+    extend request's length minus one (56: the window covers it whole), and the longest
+    decode request's (69)."""
+    p = make_problem([0, 40, 17, 5], [19, 5, 40, 16], [1, -1, 0, 2], n_qo=4, n_kv=1,
+                     head_dim=64, rank=8, dtype=torch.float32, seed=window)
+    out, ref = run_extend(p, window=window)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    p = make_problem([70, 34, 16, 57], [1] * 4, [1, -1, 0, 2], n_qo=4, n_kv=1, head_dim=64,
+                     rank=8, dtype=torch.float32, seed=window)
+    out, ref = run_decode(p, splits=3, window=window)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_one_plan_serves_every_layer_cpu() -> None:
+    """One plan per batch; layers differ in window, scale and soft-cap at run(), as Gemma's
+    alternate sliding-window and global layers do. Decode keeps the wrapper's own split
+    rule here (a window of w gets at most ceil((w + 1) / min_split_len) splits)."""
+    head_dim, n_qo, n_kv = 96, 4, 2
+    p = make_problem([40, 9], [12, 20], [0, -1], n_qo=n_qo, n_kv=n_kv, head_dim=head_dim,
+                     rank=8, dtype=torch.float32)
+    lr_pool = (p.lr_buffer, p.lr_indices, p.b_weights, p.adapter_ids)
+    layers = [(15, 0.1, 50.0), (None, None, 0.0), (7, 0.05, 0.0)]  # window, scale, cap
+
+    ext = FlashLoRAExtendWrapper(n_qo, n_kv, head_dim, device=p.q.device)
+    ext.plan(p.qo_indptr, p.kv_indptr, p.kv_indices, p.lr_indices, p.adapter_ids)
+    for window, scale, cap in layers:
+        out = ext.run(p.q, p.k_extend, p.v_extend, p.k_buffer, p.v_buffer, p.lr_extend,
+                      p.lr_buffer, p.b_weights, window=window, sm_scale=scale, logit_cap=cap)
+        ref = extend_reference(p.q, p.k_extend, p.v_extend, p.k_buffer, p.v_buffer,
+                               p.qo_indptr, p.kv_indptr, p.kv_indices,
+                               scale or head_dim ** -0.5, cap, p.lr_extend, *lr_pool,
+                               window=window)
+        assert rel_err(out, ref) < TOL[torch.float32], f"window={window}"
+
+    dec = FlashLoRADecodeWrapper(n_qo, n_kv, head_dim, device=p.q.device, max_lr_rank=8,
+                                 min_split_len=4)
+    dec.plan(p.kv_indptr, p.kv_indices, p.lr_indices, p.adapter_ids, num_kv_splits=4)
+    q = p.q[:2]
+    for window, scale, cap in layers:
+        out = dec.run(q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights, window=window,
+                      sm_scale=scale, logit_cap=cap)
+        ref = decode_reference(q, p.k_buffer, p.v_buffer, p.kv_indptr, p.kv_indices,
+                               scale or head_dim ** -0.5, cap, *lr_pool, window=window)
+        assert rel_err(out, ref) < TOL[torch.float32], f"window={window}"
 
 
 def test_zero_b_equals_plain_attention_cpu() -> None:
@@ -201,6 +320,11 @@ def test_wrapper_argument_checks_cpu() -> None:
     w.plan(p.kv_indptr, p.kv_indices, p.lr_indices, p.adapter_ids)
     with pytest.raises(ValueError):
         w.run(p.q[:1], p.k_buffer, p.v_buffer, torch.zeros(4, 64), p.b_weights)  # rank 64 > 8
+    wide = torch.zeros(1, 2, 288)
+    w = FlashLoRADecodeWrapper(2, 1, 288, device=p.q.device)
+    w.plan(p.kv_indptr, p.kv_indices)
+    with pytest.raises(ValueError, match="head_dim"):
+        w.run(wide, torch.zeros(8, 1, 288), torch.zeros(8, 1, 288))  # past the tiles' 256
 
 
 def test_extend_pipeline_depth_rule() -> None:
@@ -223,6 +347,21 @@ def test_split_heuristic() -> None:
     assert w.choose_num_kv_splits(1, max_kv_len=1024) == 8
     assert w.choose_num_kv_splits(64) == 2
     assert w.choose_num_kv_splits(1024) == 1
+    # A windowed layer reuses the plan's workspace with no more splits than its window needs.
+    w.device = torch.device("cuda")  # tile choice only; nothing is launched
+    w.plan(torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+           max_kv_len=32768)
+    assert w.num_kv_splits == 64
+    assert w.splits_and_tiles(None)[0] == 64
+    assert w.splits_and_tiles(-1)[0] == 64
+    assert w.splits_and_tiles(4095) == (32, DecodeConfig(32, 4, 4, 96))  # Gemma-2: 4096 keys
+    assert w.splits_and_tiles(100)[0] == 1
+    w.plan(torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+           max_kv_len=32768, num_kv_splits=4)
+    assert w.splits_and_tiles(None) == (4, DecodeConfig(64, 4, 3, 104))  # 8k-token splits
+    assert w.splits_and_tiles(1 << 20)[1] == DecodeConfig(64, 4, 3, 104)
+    w.head_dim = 256
+    assert w.splits_and_tiles(None)[1] == DecodeConfig(32, 4, 3, 104)  # same bytes per stage
 
 
 # ---------------------------------------------------------------- GPU (larger shapes)
@@ -274,6 +413,42 @@ def test_extend_gpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float,
     assert rel_err(out, ref) < TOL[dtype]
 
 
+# Served models at serving sizes: Qwen2.5-7B (28 q / 4 kv heads), Gemma-2-9B (16 / 8, head_dim
+# 256, cap 50, window 4096 - 1 on every other layer), Gemma-3 (window 1024 - 1), Phi-3-mini
+# (32 / 32, head_dim 96), and head_dim 80 with a one-key window.
+GPU_MODEL_CASES = [
+    # group, n_kv, head_dim, rank, cap, window
+    (7, 4, 128, 8, 0.0, None),
+    (7, 4, 128, 24, 0.0, 4095),
+    (2, 8, 256, 16, 50.0, 4095),
+    (2, 8, 256, 8, 50.0, None),
+    (2, 4, 256, 64, 0.0, 1023),
+    (1, 32, 96, 16, 0.0, None),
+    (4, 8, 96, 8, 0.0, 2047),
+    (8, 2, 80, 8, 0.0, 0),
+    (4, 2, 64, 16, 30.0, 63),
+]
+
+
+@GPU
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("group,n_kv,head_dim,rank,cap,window", GPU_MODEL_CASES)
+def test_models_gpu(group: int, n_kv: int, head_dim: int, rank: int, cap: float,
+                    window: int | None, dtype: torch.dtype) -> None:
+    prefix, extend, adapters = _gpu_lens(rank + head_dim + group)
+    p = make_problem(prefix, extend, adapters, n_qo=group * n_kv, n_kv=n_kv,
+                     head_dim=head_dim, rank=rank, dtype=dtype, seed=rank + 2)
+    out, ref = run_extend(p, cap=cap, window=window, sm_scale=model_scale(head_dim))
+    assert rel_err(out, ref) < TOL[dtype], "extend"
+    prefix[0] = 9000
+    p = make_problem(prefix, [1] * len(prefix), adapters, n_qo=group * n_kv, n_kv=n_kv,
+                     head_dim=head_dim, rank=rank, dtype=dtype, seed=rank + 3)
+    for splits in (None, 7):
+        out, ref = run_decode(p, cap=cap, splits=splits, window=window,
+                              sm_scale=model_scale(head_dim))
+        assert rel_err(out, ref) < TOL[dtype], f"decode splits={splits}"
+
+
 @GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_zero_b_equals_plain_attention_gpu(dtype: torch.dtype) -> None:
@@ -294,18 +469,24 @@ def test_zero_b_equals_plain_attention_gpu(dtype: torch.dtype) -> None:
 
 @GPU
 def test_decode_cuda_graph_replay() -> None:
-    """run() captured once replays correctly after the batch's buffers are refilled in place."""
+    """run() captured once replays correctly after the batch's buffers are refilled in place;
+    a global and a windowed layer share the plan inside one graph."""
     prefix = [3000, 17, 800, 5000]
     p = make_problem(prefix, [1] * 4, [0, -1, 2, 1], n_qo=32, n_kv=8, head_dim=128, rank=8,
                      dtype=torch.bfloat16)
     p.q = p.q[:4]
     w = FlashLoRADecodeWrapper(32, 8, 128, max_lr_rank=8)
     w.plan(p.kv_indptr, p.kv_indices, p.lr_indices, p.adapter_ids, max_kv_len=8192)
-    out = torch.empty_like(p.q)
-    w.run(p.q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights, out=out)  # compile first
+    out, out_win = torch.empty_like(p.q), torch.empty_like(p.q)
+
+    def two_layers() -> None:
+        w.run(p.q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights, out=out)
+        w.run(p.q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights, out=out_win, window=1023)
+
+    two_layers()  # compile first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        w.run(p.q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights, out=out)
+        two_layers()
     for seed in range(2):
         g = torch.Generator(device="cuda").manual_seed(seed)
         p.q.copy_(torch.randn(p.q.shape, generator=g, device="cuda"))
@@ -313,8 +494,10 @@ def test_decode_cuda_graph_replay() -> None:
         p.kv_indices.copy_(p.kv_indices[torch.randperm(p.kv_indices.numel(), device="cuda",
                                                        generator=g)])
         out.fill_(float("nan"))
+        out_win.fill_(float("nan"))
         graph.replay()
-        ref = decode_reference(p.q, p.k_buffer, p.v_buffer, p.kv_indptr, p.kv_indices,
-                               128 ** -0.5, 0.0, p.lr_buffer, p.lr_indices, p.b_weights,
-                               p.adapter_ids)
-        assert rel_err(out, ref) < TOL[torch.bfloat16]
+        for window, result in ((None, out), (1023, out_win)):
+            ref = decode_reference(p.q, p.k_buffer, p.v_buffer, p.kv_indptr, p.kv_indices,
+                                   128 ** -0.5, 0.0, p.lr_buffer, p.lr_indices, p.b_weights,
+                                   p.adapter_ids, window=window)
+            assert rel_err(result, ref) < TOL[torch.bfloat16], f"window={window}"
