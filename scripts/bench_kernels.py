@@ -1,11 +1,15 @@
-"""Benchmark the Flash-LoRA kernels on a GPU (Llama-3.1-8B attention shapes, bf16).
+"""Benchmark the Flash-LoRA kernels on a GPU (served models' attention shapes, bf16).
 
-For each (batch, context) it times, in one run (median of CUDA-event timings via
+Shapes (``--shapes``, all by default): Llama-3.1-8B (32 q / 8 kv heads, head_dim 128),
+Qwen2.5-7B (28 / 4: GQA group 7), Gemma-2-9B's global layers (16 / 8, head_dim 256,
+soft-cap 50) and its sliding-window layers (the same with a window of 4096 - 1).
+For each shape and (batch, context) it times, in one run (median of CUDA-event timings via
 ``triton.testing.do_bench``): our kernel with the LR term for each rank, (a) our kernel with
 the LR term off, (b) materialising V = V_base + L B into a pool copy and running (a) on it,
-(c) SGLang 0.5.17's triton kernels on the same pools without LoRA, (d) FlashInfer's paged
-wrappers (page size 1, SGLang's settings), (e) torch SDPA flash on dense tensors (extend
-only), plus a device-to-device copy for the bandwidth ceiling.
+(c) SGLang 0.5.17's triton kernels on the same pools without LoRA (not for windowed shapes:
+they take window-sliced indices), (d) FlashInfer's paged wrappers (page size 1, SGLang's
+settings, with the shape's ``window_left`` and soft-cap), (e) torch SDPA flash on dense
+tensors (extend only, no window), plus a device-to-device copy for the bandwidth ceiling.
 
 Decode: one query per request over ``context`` cached tokens. Extend: ``min(context,
 --extend-len)`` new tokens per request on top of a cached prefix of the rest.
@@ -28,6 +32,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,9 +46,39 @@ from lragent_sglang.kernels import (
 
 logger = logging.getLogger("bench_kernels")
 
-N_QO, N_KV, HEAD_DIM = 32, 8, 128
 N_ADAPTERS = 3
 DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One model's attention layer: heads, head dim, soft-cap and sliding window (SGLang's
+    ``sliding_window_size``: the query at position p sees keys p - window .. p)."""
+
+    name: str
+    n_qo: int
+    n_kv: int
+    head_dim: int
+    logit_cap: float = 0.0
+    window: int | None = None
+
+    def label(self) -> str:
+        extra = (f", cap {self.logit_cap:g}" if self.logit_cap else "") + (
+            f", window {self.window}" if self.window is not None else "")
+        return f"{self.name} ({self.n_qo} q / {self.n_kv} kv, D {self.head_dim}{extra})"
+
+
+SHAPES = {s.name: s for s in (
+    Shape("llama3.1-8b", 32, 8, 128),
+    Shape("qwen2.5-7b", 28, 4, 128),
+    Shape("gemma2-9b", 16, 8, 256, logit_cap=50.0),
+    Shape("gemma2-9b-local", 16, 8, 256, logit_cap=50.0, window=4095),
+)}
+
+
+def seen_keys(pos: int, window: int | None) -> int:
+    """Keys a query at position ``pos`` attends to (causal, within the window)."""
+    return pos + 1 if window is None else min(pos + 1, window + 1)
 
 
 def bench(fn: Callable[[], object], graph: bool = False, rep_ms: float = 200.0) -> float:
@@ -82,15 +117,17 @@ def copy_bandwidth_gbs() -> float:
 class Pools:
     """K / V_base pools and an LR pool per rank with shuffled slots for ``lens`` tokens."""
 
-    def __init__(self, n_tokens: int, ranks: list[int], seed: int = 0) -> None:
+    def __init__(self, shape: Shape, n_tokens: int, ranks: list[int], seed: int = 0) -> None:
         torch.manual_seed(seed)
+        self.shape = shape
+        n_kv, d = shape.n_kv, shape.head_dim
         slots = n_tokens + 1  # slot 0 is SGLang's padding slot
-        self.k = torch.randn(slots, N_KV, HEAD_DIM, dtype=DTYPE, device="cuda")
-        self.v = torch.randn(slots, N_KV, HEAD_DIM, dtype=DTYPE, device="cuda")
+        self.k = torch.randn(slots, n_kv, d, dtype=DTYPE, device="cuda")
+        self.v = torch.randn(slots, n_kv, d, dtype=DTYPE, device="cuda")
         self.slot_of = (torch.randperm(n_tokens, device="cuda") + 1).to(torch.int32)
         self.lr_slot_of = (torch.randperm(n_tokens, device="cuda") + 1).to(torch.int32)
         self.lr = {r: torch.randn(slots, r, dtype=DTYPE, device="cuda") for r in ranks}
-        self.b = {r: (torch.randn(N_ADAPTERS, N_KV, r, HEAD_DIM, device="cuda") * 0.3 / math.sqrt(r)).to(DTYPE)
+        self.b = {r: (torch.randn(N_ADAPTERS, n_kv, r, d, device="cuda") * 0.3 / math.sqrt(r)).to(DTYPE)
                   for r in ranks}
         self.v_mat = torch.empty_like(self.v)
         # do_bench_cudagraph times on a side stream: the inputs must be written before it.
@@ -99,38 +136,43 @@ class Pools:
     def materialise(self, rank: int, token_pos: torch.Tensor, tokens_per_req: int,
                     adapter_of_req: torch.Tensor) -> None:
         """v_mat[slot] = V_base[slot] + L[lr_slot] B[adapter] for the listed token positions."""
+        n_kv, d = self.shape.n_kv, self.shape.head_dim
         slots = self.slot_of[token_pos].long()
         lr = self.lr[rank][self.lr_slot_of[token_pos].long()].view(-1, tokens_per_req, rank)
-        b = self.b[rank].permute(0, 2, 1, 3).reshape(N_ADAPTERS, rank, N_KV * HEAD_DIM)
-        delta = torch.bmm(lr, b[adapter_of_req.long()]).view(-1, N_KV, HEAD_DIM)
+        b = self.b[rank].permute(0, 2, 1, 3).reshape(N_ADAPTERS, rank, n_kv * d)
+        delta = torch.bmm(lr, b[adapter_of_req.long()]).view(-1, n_kv, d)
         self.v_mat.index_copy_(0, slots, self.v[slots] + delta)
 
 
 class DecodeBatch:
     """One query token per request over ``ctx`` cached tokens each, in shuffled pools."""
 
-    def __init__(self, batch: int, ctx: int, ranks: list[int]) -> None:
-        self.batch, self.ctx = batch, ctx
-        self.pools = Pools(batch * ctx, ranks)
+    def __init__(self, shape: Shape, batch: int, ctx: int, ranks: list[int]) -> None:
+        self.shape, self.batch, self.ctx = shape, batch, ctx
+        self.pools = Pools(shape, batch * ctx, ranks)
         self.kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
         self.adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
-        self.q = torch.randn(batch, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+        self.q = torch.randn(batch, shape.n_qo, shape.head_dim, dtype=DTYPE, device="cuda")
         self.out = torch.empty_like(self.q)
         torch.cuda.synchronize()  # graph timing runs on a side stream (see Pools)
 
     def planned(self, config: DecodeConfig | None = None) -> FlashLoRADecodeWrapper:
         """Our decode wrapper planned for this batch (default tiles unless ``config``)."""
-        w = FlashLoRADecodeWrapper(N_QO, N_KV, HEAD_DIM, max_batch_size=self.batch, config=config)
+        s = self.shape
+        w = FlashLoRADecodeWrapper(s.n_qo, s.n_kv, s.head_dim, max_batch_size=self.batch,
+                                   config=config)
         w.plan(self.kv_indptr, self.pools.slot_of, self.pools.lr_slot_of, self.adapters,
-               max_kv_len=self.ctx)
+               logit_cap=s.logit_cap, max_kv_len=self.ctx)
         return w
 
-    def run_off(self, w: FlashLoRADecodeWrapper) -> torch.Tensor:
-        return w.run(self.q, self.pools.k, self.pools.v, out=self.out)
+    def run_off(self, w: FlashLoRADecodeWrapper, v: torch.Tensor | None = None) -> torch.Tensor:
+        """LR off, over V_base (or ``v``, a materialised pool)."""
+        return w.run(self.q, self.pools.k, self.pools.v if v is None else v, out=self.out,
+                     window=self.shape.window)
 
     def run_lr(self, w: FlashLoRADecodeWrapper, rank: int) -> torch.Tensor:
         return w.run(self.q, self.pools.k, self.pools.v, self.pools.lr[rank], self.pools.b[rank],
-                     out=self.out)
+                     out=self.out, window=self.shape.window)
 
 
 class ExtendBatch:
@@ -138,9 +180,10 @@ class ExtendBatch:
     shuffled pools, planned on our extend wrapper. Request b owns positions b*ctx ..
     b*ctx+ctx-1: the first ``ctx - ext`` are cached, the rest new."""
 
-    def __init__(self, batch: int, ctx: int, ext: int, ranks: list[int]) -> None:
+    def __init__(self, shape: Shape, batch: int, ctx: int, ext: int, ranks: list[int]) -> None:
+        self.shape = shape
         self.pre = pre = ctx - ext
-        self.pools = pools = Pools(batch * ctx, ranks)
+        self.pools = pools = Pools(shape, batch * ctx, ranks)
         self.pos = torch.arange(batch * ctx, device="cuda").view(batch, ctx)
         pre_pos, ext_pos = self.pos[:, :pre].reshape(-1), self.pos[:, pre:].reshape(-1)
         i32 = dict(dtype=torch.int32, device="cuda")
@@ -151,23 +194,25 @@ class ExtendBatch:
         self.ext_slots = pools.slot_of[ext_pos].long()
         self.k_ext, self.v_ext = pools.k[self.ext_slots], pools.v[self.ext_slots]
         self.lr_ext = {r: pools.lr[r][pools.lr_slot_of[ext_pos].long()] for r in ranks}
-        self.q = torch.randn(batch * ext, N_QO, HEAD_DIM, dtype=DTYPE, device="cuda")
+        self.q = torch.randn(batch * ext, shape.n_qo, shape.head_dim, dtype=DTYPE, device="cuda")
         self.out = torch.empty_like(self.q)
-        self.wrapper = FlashLoRAExtendWrapper(N_QO, N_KV, HEAD_DIM)
+        self.wrapper = FlashLoRAExtendWrapper(shape.n_qo, shape.n_kv, shape.head_dim)
         self.wrapper.plan(self.qo_indptr, self.kv_indptr, self.kv_indices,
                           pools.lr_slot_of[pre_pos].contiguous(), self.adapters,
-                          max_extend_len=ext, max_prefix_len=pre)
+                          max_extend_len=ext, max_prefix_len=pre, logit_cap=shape.logit_cap)
 
-    def run_off(self) -> torch.Tensor:
-        """Our kernel with the LR term off."""
-        return self.wrapper.run(self.q, self.k_ext, self.v_ext, self.pools.k, self.pools.v,
-                                out=self.out)
+    def run_off(self, v_ext: torch.Tensor | None = None, v: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Our kernel with the LR term off (over ``v_ext`` / ``v``: a materialised pool)."""
+        return self.wrapper.run(self.q, self.k_ext, self.v_ext if v_ext is None else v_ext,
+                                self.pools.k, self.pools.v if v is None else v, out=self.out,
+                                window=self.shape.window)
 
     def run_lr(self, rank: int) -> torch.Tensor:
         """Our kernel with the LR term of rank ``rank``."""
         return self.wrapper.run(self.q, self.k_ext, self.v_ext, self.pools.k, self.pools.v,
                                 self.lr_ext[rank], self.pools.lr[rank], self.pools.b[rank],
-                                out=self.out)
+                                out=self.out, window=self.shape.window)
 
 
 def load_sglang() -> dict[str, Callable]:
@@ -191,48 +236,53 @@ def load_flashinfer():
     return flashinfer
 
 
-def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int) -> dict:
-    n_tok = batch * ctx
-    d = DecodeBatch(batch, ctx, ranks)
-    pools, kv_indptr, kv_indices, q, out = d.pools, d.kv_indptr, d.pools.slot_of, d.q, d.out
-    scale = HEAD_DIM ** -0.5
-    res: dict = dict(batch=batch, ctx=ctx)
+def decode_shape(shape: Shape, batch: int, ctx: int, ranks: list[int], sgl: dict, fi,
+                 sms: int) -> dict:
+    n_kv, d = shape.n_kv, shape.head_dim
+    d_batch = DecodeBatch(shape, batch, ctx, ranks)
+    pools, kv_indptr, kv_indices, q, out = (d_batch.pools, d_batch.kv_indptr,
+                                            d_batch.pools.slot_of, d_batch.q, d_batch.out)
+    scale = d ** -0.5
+    seen = seen_keys(ctx - 1, shape.window)
+    res: dict = dict(shape=shape.name, batch=batch, ctx=ctx, seen=seen)
 
-    w = d.planned()
-    res["splits"] = w.num_kv_splits
-    res["ours_lr_off"] = bench(lambda: d.run_off(w), graph=True)
-    all_pos = torch.arange(n_tok, device="cuda")
+    w = d_batch.planned()
+    res["splits"] = w.splits_and_tiles(shape.window)[0]
+    res["ours_lr_off"] = bench(lambda: d_batch.run_off(w), graph=True)
+    # a materialising server would build V for the keys the query sees only
+    seen_pos = torch.arange(batch * ctx, device="cuda").view(batch, ctx)[:, ctx - seen:].reshape(-1)
     for r in ranks:
-        res[f"ours_lr{r}"] = bench(lambda: d.run_lr(w, r), graph=True)
+        res[f"ours_lr{r}"] = bench(lambda: d_batch.run_lr(w, r), graph=True)
 
         def materialised() -> None:
-            pools.materialise(r, all_pos, ctx, d.adapters)
-            w.run(q, pools.k, pools.v_mat, out=out)
+            pools.materialise(r, seen_pos, seen, d_batch.adapters)
+            d_batch.run_off(w, pools.v_mat)
         res[f"materialise_lr{r}"] = bench(materialised, graph=True)
 
-    kv_bytes = n_tok * N_KV * HEAD_DIM * 2 * 2 + n_tok * 4
+    kv_bytes = batch * seen * (n_kv * d * 2 * 2 + 4)
     res["bytes_lr_off"] = kv_bytes
     for r in ranks:
-        res[f"bytes_lr{r}"] = kv_bytes + n_tok * (r * 2 + 4)
+        res[f"bytes_lr{r}"] = kv_bytes + batch * seen * (r * 2 + 4)
 
-    if sgl:
+    if sgl and shape.window is None:
         max_splits = 8  # SGLang's default --triton-attention-num-kv-splits
         num_splits = torch.empty(batch, dtype=torch.int32, device="cuda")
-        sgl["splits"][(1,)](num_splits, kv_indptr[1:] - kv_indptr[:-1], batch, 1, N_QO, N_KV,
-                            max_splits, sms, MAX_NUM_SEQ=max(256, triton.next_power_of_2(batch)))
+        sgl["splits"][(1,)](num_splits, kv_indptr[1:] - kv_indptr[:-1], batch, 1, shape.n_qo,
+                            n_kv, max_splits, sms, MAX_NUM_SEQ=max(256, triton.next_power_of_2(batch)))
         torch.cuda.synchronize()
-        logits = torch.empty(batch, N_QO, max_splits, HEAD_DIM, dtype=torch.float32, device="cuda")
-        lse = torch.empty(batch, N_QO, max_splits, dtype=torch.float32, device="cuda")
+        logits = torch.empty(batch, shape.n_qo, max_splits, d, dtype=torch.float32, device="cuda")
+        lse = torch.empty(batch, shape.n_qo, max_splits, dtype=torch.float32, device="cuda")
         res["sglang"] = try_bench("sglang decode", lambda: sgl["decode"](
             q, pools.k, pools.v, out, kv_indptr, kv_indices, logits, lse, num_splits,
-            max_splits, scale, 1.0, 1.0), graph=True)
+            max_splits, scale, 1.0, 1.0, logit_cap=shape.logit_cap), graph=True)
     if fi is not None:
         def fi_setup():
             ws = torch.zeros(512 * 2**20, dtype=torch.uint8, device="cuda")
             fw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
             fw.plan(kv_indptr, kv_indices, torch.ones(batch, dtype=torch.int32, device="cuda"),
-                    N_QO, N_KV, HEAD_DIM, 1, q_data_type=DTYPE, kv_data_type=DTYPE,
-                    sm_scale=scale)
+                    shape.n_qo, n_kv, d, 1, q_data_type=DTYPE, kv_data_type=DTYPE,
+                    sm_scale=scale, window_left=-1 if shape.window is None else shape.window,
+                    logits_soft_cap=shape.logit_cap or None)
             cache = (pools.k.unsqueeze(1), pools.v.unsqueeze(1))
             torch.cuda.synchronize()
             return lambda: fw.run(q, cache)
@@ -240,56 +290,62 @@ def decode_shape(batch: int, ctx: int, ranks: list[int], sgl: dict, fi, sms: int
             res["flashinfer"] = try_bench("flashinfer decode", fi_setup(), graph=True)
         except Exception as exc:  # noqa: BLE001
             logger.warning("flashinfer decode plan failed: %s", exc)
-    del d, pools
+    del d_batch, pools
     torch.cuda.empty_cache()
     return res
 
 
-def extend_shape(batch: int, ctx: int, ext: int, ranks: list[int], sgl: dict, fi) -> dict:
+def extend_shape(shape: Shape, batch: int, ctx: int, ext: int, ranks: list[int], sgl: dict,
+                 fi) -> dict:
     """``ext`` new tokens per request after a cached prefix of ``ctx - ext`` tokens."""
-    e = ExtendBatch(batch, ctx, ext, ranks)
+    n_qo, n_kv, d = shape.n_qo, shape.n_kv, shape.head_dim
+    e = ExtendBatch(shape, batch, ctx, ext, ranks)
     pools, q, out, pre = e.pools, e.q, e.out, e.pre
     i32 = dict(dtype=torch.int32, device="cuda")
-    scale = HEAD_DIM ** -0.5
-    flops = 4 * HEAD_DIM * N_QO * batch * (ext * pre + ext * (ext + 1) / 2)
-    res: dict = dict(batch=batch, ctx=ctx, ext=ext, flops=flops)
+    scale = d ** -0.5
+    pairs = sum(seen_keys(pre + i, shape.window) for i in range(ext))
+    flops = 4 * d * n_qo * batch * pairs
+    res: dict = dict(shape=shape.name, batch=batch, ctx=ctx, ext=ext, flops=flops)
 
     rep = dict(rep_ms=500.0)
     res["ours_lr_off"] = bench(e.run_off, **rep)
-    all_pos = e.pos.reshape(-1)
+    # a materialising server would build V for the keys some query sees only
+    first = 0 if shape.window is None else max(0, pre - shape.window)
+    seen_pos = e.pos[:, first:].reshape(-1)
     for r in ranks:
         res[f"ours_lr{r}"] = bench(lambda: e.run_lr(r), **rep)
 
         def materialised() -> None:
-            pools.materialise(r, all_pos, ctx, e.adapters)
-            e.wrapper.run(q, e.k_ext, pools.v_mat[e.ext_slots], pools.k, pools.v_mat, out=out)
+            pools.materialise(r, seen_pos, ctx - first, e.adapters)
+            e.run_off(pools.v_mat[e.ext_slots], pools.v_mat)
         res[f"materialise_lr{r}"] = bench(materialised, **rep)
 
-    if sgl:
+    if sgl and shape.window is None:
         res["sglang"] = try_bench("sglang extend", lambda: sgl["extend"](
             q, e.k_ext, e.v_ext, out, pools.k, pools.v, e.qo_indptr, e.kv_indptr, e.kv_indices,
-            None, True, None, ext, 1.0, 1.0, sm_scale=scale), **rep)
+            None, True, None, ext, 1.0, 1.0, sm_scale=scale, logit_cap=shape.logit_cap), **rep)
     if fi is not None:
         try:
             ws = torch.zeros(512 * 2**20, dtype=torch.uint8, device="cuda")
             fw = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
             full_indptr = torch.arange(batch + 1, **i32) * ctx
-            fw.plan(e.qo_indptr, full_indptr, pools.slot_of, torch.ones(batch, **i32), N_QO, N_KV,
-                    HEAD_DIM, 1, causal=True, sm_scale=scale, q_data_type=DTYPE,
-                    kv_data_type=DTYPE)
+            fw.plan(e.qo_indptr, full_indptr, pools.slot_of, torch.ones(batch, **i32), n_qo, n_kv,
+                    d, 1, causal=True, sm_scale=scale, q_data_type=DTYPE, kv_data_type=DTYPE,
+                    window_left=-1 if shape.window is None else shape.window,
+                    logits_soft_cap=shape.logit_cap or None)
             cache = (pools.k.unsqueeze(1), pools.v.unsqueeze(1))
             res["flashinfer"] = try_bench("flashinfer prefill", lambda: fw.run(q, cache), **rep)
         except Exception as exc:  # noqa: BLE001
             logger.warning("flashinfer prefill plan failed: %s", exc)
-    dense_bytes = 2 * batch * N_QO * ctx * HEAD_DIM * 2
-    if dense_bytes < 24 * 2**30:
+    dense_bytes = 2 * batch * n_qo * ctx * d * 2
+    if dense_bytes < 24 * 2**30 and shape.window is None and not shape.logit_cap:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.attention.bias import causal_lower_right
-        kd = pools.k[pools.slot_of.long()].view(batch, ctx, N_KV, HEAD_DIM).transpose(1, 2)
-        vd = pools.v[pools.slot_of.long()].view(batch, ctx, N_KV, HEAD_DIM).transpose(1, 2)
-        kd = kd.repeat_interleave(N_QO // N_KV, dim=1).contiguous()
-        vd = vd.repeat_interleave(N_QO // N_KV, dim=1).contiguous()
-        qd = q.view(batch, ext, N_QO, HEAD_DIM).transpose(1, 2).contiguous()
+        kd = pools.k[pools.slot_of.long()].view(batch, ctx, n_kv, d).transpose(1, 2)
+        vd = pools.v[pools.slot_of.long()].view(batch, ctx, n_kv, d).transpose(1, 2)
+        kd = kd.repeat_interleave(n_qo // n_kv, dim=1).contiguous()
+        vd = vd.repeat_interleave(n_qo // n_kv, dim=1).contiguous()
+        qd = q.view(batch, ext, n_qo, d).transpose(1, 2).contiguous()
         mask = causal_lower_right(ext, ctx)
 
         def sdpa() -> torch.Tensor:
@@ -302,36 +358,37 @@ def extend_shape(batch: int, ctx: int, ext: int, ranks: list[int], sgl: dict, fi
     return res
 
 
-def sweep_decode(rank: int) -> list[dict]:
+def sweep_decode(shape: Shape, rank: int) -> list[dict]:
     """Stage-1 tile options at two shapes: bandwidth-bound (64 x 8k) and split-bound (1 x 32k)."""
     rows = []
     for batch, ctx in ((64, 8192), (1, 32768)):
-        d = DecodeBatch(batch, ctx, [rank])
+        d = DecodeBatch(shape, batch, ctx, [rank])
         for block_n, warps, stages in ((32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2),
                                        (64, 4, 3), (64, 8, 2), (128, 8, 2)):
             cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
             w = d.planned(cfg)
             t_off = try_bench(f"{cfg} off", lambda: d.run_off(w), graph=True)
             t_lr = try_bench(f"{cfg} lr", lambda: d.run_lr(w, rank), graph=True)
-            rows.append(dict(batch=batch, ctx=ctx, block_n=block_n, warps=warps,
-                             stages=stages, off=t_off, lr=t_lr))
-            print(f"sweep {batch}x{ctx} {cfg}: off {fmt(t_off, '.4f')} "
+            rows.append(dict(shape=shape.name, batch=batch, ctx=ctx, block_n=block_n,
+                             warps=warps, stages=stages, off=t_off, lr=t_lr))
+            print(f"sweep {shape.name} {batch}x{ctx} {cfg}: off {fmt(t_off, '.4f')} "
                   f"lr{rank} {fmt(t_lr, '.4f')} ms", flush=True)
         del d
         torch.cuda.empty_cache()
     return rows
 
 
-def profile_decode(batch: int, ctx: int, rank: int) -> list[Callable[[], object]]:
+def profile_decode(shape: Shape, batch: int, ctx: int, rank: int) -> list[Callable[[], object]]:
     """An LR-off and an LR-on decode call over shuffled pools (see ``profile``)."""
-    d = DecodeBatch(batch, ctx, [rank])
+    d = DecodeBatch(shape, batch, ctx, [rank])
     w = d.planned()
     return [lambda: d.run_off(w), lambda: d.run_lr(w, rank)]
 
 
-def profile_extend(batch: int, ctx: int, ext: int, rank: int) -> list[Callable[[], object]]:
+def profile_extend(shape: Shape, batch: int, ctx: int, ext: int,
+                   rank: int) -> list[Callable[[], object]]:
     """An LR-off and an LR-on extend call: ``ext`` new tokens after ``ctx - ext`` cached."""
-    e = ExtendBatch(batch, ctx, ext, [rank])
+    e = ExtendBatch(shape, batch, ctx, ext, [rank])
     return [e.run_off, lambda: e.run_lr(rank)]
 
 
@@ -352,12 +409,18 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def shape_legend(rows: list[dict]) -> str:
+    names = dict.fromkeys(row["shape"] for row in rows)
+    return "Shapes: " + "; ".join(SHAPES[n].label() for n in names) + "."
+
+
 def decode_table(rows: list[dict], ranks: list[int], copy_gbs: float) -> str:
-    lines = [f"Decode (bf16, 32 q / 8 kv heads, head_dim 128, page size 1). Copy bandwidth "
-             f"{copy_gbs:,.0f} GB/s (read + write).",
-             "| batch x ctx | splits | R | LR on ms | GB/s (% copy) | LR off ms | on/off | "
+    lines = [f"Decode (bf16, page size 1). Copy bandwidth {copy_gbs:,.0f} GB/s (read + write). "
+             f"{shape_legend(rows)} GB/s counts the keys the query sees (with a window, the "
+             "last window + 1).",
+             "| shape | batch x ctx | splits | R | LR on ms | GB/s (% copy) | LR off ms | on/off | "
              "materialise ms (x) | SGLang triton ms (x) | FlashInfer ms (x) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for r in ranks:
             on = row[f"ours_lr{r}"]
@@ -365,7 +428,8 @@ def decode_table(rows: list[dict], ranks: list[int], copy_gbs: float) -> str:
             mat = row[f"materialise_lr{r}"]
             sg, fi = row.get("sglang"), row.get("flashinfer")
             lines.append(
-                f"| {row['batch']} x {row['ctx'] // 1024}k | {row['splits']} | {r} | {on:.4f} | "
+                f"| {row['shape']} | {row['batch']} x {row['ctx'] // 1024}k | {row['splits']} | "
+                f"{r} | {on:.4f} | "
                 f"{gbs:,.0f} ({100 * gbs / copy_gbs:.0f}%) | {row['ours_lr_off']:.4f} | "
                 f"{on / row['ours_lr_off']:.3f} | {mat:.3f} ({mat / on:.2f}) | "
                 f"{fmt(sg, '.4f')} ({fmt(sg and on / sg, '.2f')}) | "
@@ -376,18 +440,20 @@ def decode_table(rows: list[dict], ranks: list[int], copy_gbs: float) -> str:
 
 
 def extend_table(rows: list[dict], ranks: list[int]) -> str:
-    lines = ["Extend (bf16, 32 q / 8 kv heads, head_dim 128): `ext` new tokens per request after "
-             "a cached prefix of ctx - ext; TFLOP/s counts attention FLOPs only.",
-             "| batch x ctx (ext) | R | LR on ms | TFLOP/s | LR off ms | on/off | "
+    lines = ["Extend (bf16): `ext` new tokens per request after a cached prefix of ctx - ext; "
+             "TFLOP/s counts attention FLOPs only (of the query-key pairs inside the window). "
+             f"{shape_legend(rows)}",
+             "| shape | batch x ctx (ext) | R | LR on ms | TFLOP/s | LR off ms | on/off | "
              "materialise ms (x) | SGLang triton ms (x) | FlashInfer fa2 ms (x) | SDPA flash ms (x) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for r in ranks:
             on = row[f"ours_lr{r}"]
             mat = row[f"materialise_lr{r}"]
             sg, fi, sd = row.get("sglang"), row.get("flashinfer"), row.get("sdpa_flash")
             lines.append(
-                f"| {row['batch']} x {row['ctx'] // 1024}k ({row['ext']}) | {r} | {on:.3f} | "
+                f"| {row['shape']} | {row['batch']} x {row['ctx'] // 1024}k ({row['ext']}) | {r} | "
+                f"{on:.3f} | "
                 f"{row['flops'] / on / 1e9:.0f} | {row['ours_lr_off']:.3f} | "
                 f"{on / row['ours_lr_off']:.3f} | {mat:.3f} ({mat / on:.2f}) | "
                 f"{fmt(sg)} ({fmt(sg and on / sg, '.2f')}) | {fmt(fi)} ({fmt(fi and on / fi, '.2f')}) | "
@@ -399,6 +465,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", default="all", choices=(
         "decode", "extend", "all", "sweep", "profile", "profile-extend"))
+    ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 24, 64])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
@@ -411,11 +478,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
 
+    shapes = [SHAPES[name] for name in args.shapes]
     if args.part in ("profile", "profile-extend"):
-        for batch in args.batches:
-            for ctx in args.contexts:
-                profile(profile_decode(batch, ctx, args.ranks[0]) if args.part == "profile" else
-                        profile_extend(batch, ctx, min(ctx, args.extend_len), args.ranks[0]))
+        for shape in shapes:
+            for batch in args.batches:
+                for ctx in args.contexts:
+                    profile(profile_decode(shape, batch, ctx, args.ranks[0])
+                            if args.part == "profile" else
+                            profile_extend(shape, batch, ctx, min(ctx, args.extend_len),
+                                           args.ranks[0]))
         return
     props = torch.cuda.get_device_properties(0)
     meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
@@ -437,25 +508,29 @@ def main() -> None:
             json.dump(result, f, indent=1)
 
     if args.part == "sweep":
-        result["sweep"] = sweep_decode(args.ranks[0])
-        save()
+        for shape in shapes:
+            result["sweep"] += sweep_decode(shape, args.ranks[0])
+            save()
     if args.part in ("decode", "all"):
-        for batch in args.batches:
-            for ctx in args.contexts:
-                result["decode"].append(decode_shape(batch, ctx, args.ranks, sgl, fi,
-                                                     props.multi_processor_count))
-                logger.info("decode %s", result["decode"][-1])
-                save()
+        for shape in shapes:
+            for batch in args.batches:
+                for ctx in args.contexts:
+                    result["decode"].append(decode_shape(shape, batch, ctx, args.ranks, sgl, fi,
+                                                         props.multi_processor_count))
+                    logger.info("decode %s", result["decode"][-1])
+                    save()
         tables.append(decode_table(result["decode"], args.ranks, copy_gbs))
     if args.part in ("extend", "all"):
-        for batch in args.batches:
-            for ctx in args.contexts:
-                if batch * ctx > args.max_extend_tokens:
-                    continue
-                ext = min(ctx, args.extend_len)
-                result["extend"].append(extend_shape(batch, ctx, ext, args.ranks, sgl, fi))
-                logger.info("extend %s", result["extend"][-1])
-                save()
+        for shape in shapes:
+            for batch in args.batches:
+                for ctx in args.contexts:
+                    if batch * ctx > args.max_extend_tokens:
+                        continue
+                    ext = min(ctx, args.extend_len)
+                    result["extend"].append(extend_shape(shape, batch, ctx, ext, args.ranks, sgl,
+                                                         fi))
+                    logger.info("extend %s", result["extend"][-1])
+                    save()
         tables.append(extend_table(result["extend"], args.ranks))
     save()
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
