@@ -173,7 +173,7 @@ def canned_base_shared(elapsed: float, adapters: int) -> dict[str, Any]:
         keys[f"role{i}"] = {"lr_tokens": 500 + 10 * i, "lr_bytes": (500 + 10 * i) * 64,
                             "lr_inserted_tokens": prompt, "lr_evicted_tokens": prompt // 10}
     return {"schedulers": [{
-        "scheme": "base-shared",
+        "scheme": "base-shared", "sharing": {"keys_by_adapter": False, "shares_base": True, "one_lr_cache": False},
         "base": {"tokens": 2000, "bytes": 2000 * 1024, "inserted_tokens": int(elapsed * 300), "evicted_tokens": int(elapsed * 50)},
         "lr": {"tokens": 5000, "bytes": 5000 * 64, "inserted_tokens": int(elapsed * 300), "evicted_tokens": int(elapsed * 30)},
         "per_adapter": per, "per_lr_key": keys, "lr_pool_size": 10000, "lr_pool_available": 4000,
@@ -204,7 +204,7 @@ def canned_non_shared(elapsed: float) -> dict[str, Any]:
     """One adapter on SGLang's own cache (no LR statistics), half its prompt tokens hit."""
     prompt = 2 * int(elapsed * 50)
     return {"schedulers": [{
-        "scheme": "non-shared",
+        "scheme": "non-shared", "sharing": {"keys_by_adapter": True, "shares_base": False, "one_lr_cache": False},
         "base": {"tokens": 800, "bytes": 800 * 1024, "evicted_tokens": int(elapsed * 5)},
         "per_adapter": {"plan": {"requests": prompt // 50, "prompt_tokens": prompt, "base_hit_tokens": prompt // 2,
                                  "lr_hit_tokens": prompt // 2, "lr_reprefill_tokens": 0, "computed_tokens": prompt - prompt // 2}},
@@ -296,6 +296,9 @@ def test_twenty_adapters_top_n_and_others(twenty_adapters):
     assert summary["latest"]["base_hit_rate"][others] == pytest.approx(80, abs=1)
     assert summary["latest"]["base_hit_rate"]["role19"] == pytest.approx(80, abs=1)
     assert summary["latest"]["lr_hit_rate"]["role19"] == pytest.approx(49, abs=1)
+    # base-shared: one tree per adapter would hold each adapter's LR reach, 500 + 10 i tokens
+    # of adapter i (more than the 2000 shared base tokens), at the base's bytes per token.
+    assert summary["latest"]["unshared_memory"]["without sharing (estimate)"] == sum(500 + 10 * i for i in range(20)) * 1024
     assert summary["sglang"] == "on"
     assert summary["latest"]["sglang_requests"] == {"running": 5, "queued": 1}, "running summed over processes"
     assert summary["latest"]["sglang_usage"] == {"KV pool usage": 25, "cache hit rate": 50}

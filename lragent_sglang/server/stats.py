@@ -177,7 +177,11 @@ def stock_state(cache: Any) -> dict[str, Any]:
 def lragent_state(scheduler: Any, scheme: Scheme) -> dict[str, Any]:
     """The scheduler's statistics, names resolved (see README "Statistics")."""
     cache = scheduler.tree_cache
-    state: dict[str, Any] = {"scheme": str(scheme)}
+    state: dict[str, Any] = {
+        "scheme": str(scheme),
+        "sharing": {"keys_by_adapter": scheme.keys_by_adapter, "shares_base": scheme.shares_base,
+                    "one_lr_cache": scheme.one_lr_cache},
+    }
     if hasattr(cache, "stats"):
         state.update(cache.stats())
     elif hasattr(cache, "evictable_size") and hasattr(cache, "token_to_kv_pool_allocator"):
