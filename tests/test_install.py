@@ -9,6 +9,7 @@ that folder's own `.pth` files, so the editable install of the checkout stays in
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -45,8 +46,10 @@ def run(*cmd: str | Path, cwd: Path) -> str:
 
 
 def test_wheel_in_a_fresh_venv_finds_its_data_and_commands(tmp_path):
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "artifacts", "build", "*.egg-info", "__pycache__"))
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-        "-w", tmp_path / "dist", ROOT, cwd=tmp_path)
+        "-w", tmp_path / "dist", src, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("lragent_sglang-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"lragent_sglang/data/roles/train.jsonl", "lragent_sglang/data/docs/eiffel_tower.md",
