@@ -22,6 +22,18 @@ from lragent_sglang.server.runtime import LRAgentRuntime
 logger = logging.getLogger(__name__)
 
 
+def visible_keys(seq_len: int, q_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """[q_len, seq_len] mask of the keys each of the last `q_len` positions attends:
+    causal, and with a window (SGLang's `sliding_window_size` w >= 0) only keys p - w .. p,
+    as SGLang's own backends read it."""
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None and window >= 0:
+        mask &= k_pos >= q_pos - window
+    return mask
+
+
 class LRAgentAttnBackend(AttentionBackend):
     """Pools, runtime and the K / V_base write shared by the torch and Triton backends.
 
@@ -115,9 +127,8 @@ class LRAgentTorchAttnBackend(LRAgentAttnBackend):
             scores = torch.einsum("ehd,shd->hes", qi, keys) * layer.scaling
             if layer.logit_cap and layer.logit_cap > 0:
                 scores = layer.logit_cap * torch.tanh(scores / layer.logit_cap)
-            if not decode:
-                q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-                scores = scores.masked_fill(torch.arange(seq_len, device=q.device)[None, :] > q_pos, float("-inf"))
+            scores = scores.masked_fill(~visible_keys(seq_len, q_len, layer.sliding_window_size, q.device),
+                                        float("-inf"))
             p = torch.softmax(scores, dim=-1)
             o = torch.einsum("hes,shd->ehd", p, vals)
             slot = int(self.req_slot[i]) if rt.enabled else -1

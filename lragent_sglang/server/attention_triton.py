@@ -52,6 +52,12 @@ def request_lora_slots(lora_manager: Any, bs: int) -> torch.Tensor:
     return per_req[:bs]
 
 
+def layer_args(layer: Any) -> dict[str, Any]:
+    """What differs between attention layers: the softmax scale (e.g. Gemma's
+    query_pre_attn_scalar), the logit soft-cap and the sliding window (Gemma alternates)."""
+    return {"sm_scale": layer.scaling, "logit_cap": layer.logit_cap or 0.0, "window": layer.sliding_window_size}
+
+
 @dataclass
 class DecodeGraphBuffers:
     """Persistent decode metadata for every captured batch size (int32 indices: the
@@ -87,7 +93,6 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
         tp = runner.ps.tp_size
         h_q = cfg.num_attention_heads // tp
         h_kv = max(1, cfg.get_num_kv_heads(tp))
-        self.scaling = cfg.head_dim ** -0.5
         self.max_context_len = self.req_to_token_pool.req_to_token.shape[1]
         self.decode_wrapper = FlashLoRADecodeWrapper(h_q, h_kv, cfg.head_dim, max_lr_rank=max(rt.width, 1),
                                                      device=runner.device)
@@ -118,7 +123,7 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
         lr_out_loc, token_slot = torch.empty(2, bs, dtype=torch.int64, device=self.device)
         self._fill_decode(forward_batch, bs, indptr, kv_idx, lr_idx, adapter_ids, lr_out_loc, token_slot, padding=0)
         max_len = int(forward_batch.seq_lens_cpu.max()) if forward_batch.seq_lens_cpu is not None else None
-        self.decode_wrapper.plan(indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling, max_kv_len=max_len)
+        self.decode_wrapper.plan(indptr, kv_idx, lr_idx, adapter_ids, max_kv_len=max_len)
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
         """Decode under CUDA graphs: refill the persistent buffers (capture and replay);
@@ -129,8 +134,7 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
         self._fill_decode(forward_batch, bs, g.kv_indptr[: bs + 1], g.kv_indices, g.lr_indices, adapter_ids,
                           g.lr_out_loc[:bs], g.token_slot[:bs], padding=getattr(forward_batch, "num_padding", 0))
         if in_capture:
-            self.decode_wrapper.plan(g.kv_indptr[: bs + 1], g.kv_indices, g.lr_indices, adapter_ids,
-                                     sm_scale=self.scaling)
+            self.decode_wrapper.plan(g.kv_indptr[: bs + 1], g.kv_indices, g.lr_indices, adapter_ids)
 
     def _fill_decode(self, fb: Any, bs: int, indptr: torch.Tensor, kv_idx: torch.Tensor,
                      lr_idx: torch.Tensor | None, adapter_ids: torch.Tensor | None,
@@ -187,7 +191,7 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
             self.rt.forward.lr_out_loc = req_to_lr[token_rows, positions]
             self.rt.forward.token_slot = torch.repeat_interleave(slots.to(torch.int64), ext, output_size=n)
             adapter_ids = self._adapter_ids(slots)
-        self.extend_wrapper.plan(qo_indptr, kv_indptr, kv_idx, lr_idx, adapter_ids, sm_scale=self.scaling,
+        self.extend_wrapper.plan(qo_indptr, kv_indptr, kv_idx, lr_idx, adapter_ids,
                                  max_extend_len=max(fb.extend_seq_lens_cpu),
                                  max_prefix_len=max(fb.extend_prefix_lens_cpu))
         has_gap = self.rt.take_gap(fb.rids)
@@ -207,7 +211,8 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
             k_ext, v_ext = k_buf[self.extend_loc], v_buf[self.extend_loc]
         lr_buffer, b = self._lr_args(layer)
         lr_rows = lr_buffer[self.rt.forward.lr_out_loc] if lr_buffer is not None else None
-        out = self.extend_wrapper.run(q.view(-1, h_q, d), k_ext, v_ext, k_buf, v_buf, lr_rows, lr_buffer, b)
+        out = self.extend_wrapper.run(q.view(-1, h_q, d), k_ext, v_ext, k_buf, v_buf, lr_rows, lr_buffer, b,
+                                      **layer_args(layer))
         return out.view(-1, h_q * d)
 
     def _decode(self, q, layer, forward_batch):
@@ -215,6 +220,6 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
         h_q, d = layer.tp_q_head_num, layer.head_dim
         out = self.decode_wrapper.run(
             q.view(-1, h_q, d), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id), lr_buffer, b,
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id), lr_buffer, b, **layer_args(layer),
         )
         return out.view(-1, h_q * d)
