@@ -263,7 +263,8 @@ def _extend_kernel(
             q, k, v, lr, visible, m_i, l_i, acc, acc_lr, pre_scale, post_scale,
             logit_cap, USE_CAP, HAS_LR, True, USE_WINDOW, DOT_PREC)
 
-    # (Rows past the request's end may have seen no key under a window: 0 / 0, never stored.)
+    if USE_WINDOW:
+        l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past the request's end may have seen no key
     out = acc / l_i[:, None]
     if HAS_LR:
         bw = tl.load(Bw + tl.maximum(adapter, 0).to(tl.int64) * stride_ba + kv_head * stride_bh
