@@ -120,13 +120,16 @@ def score_scale(sm_scale: float, logit_cap: float) -> tuple[float, float]:
     return sm_scale * LOG2E, 1.0
 
 
-def _patch_interpreter_index() -> None:
+def interpreter_compat() -> None:
     """Let Triton's interpreter take loop bounds from loaded scalars under NumPy >= 2.4.
 
     The interpreter keeps scalars as 1-element arrays and converts them with
     ``int(array)``, which NumPy 2.4 rejects; `range(lo, hi, BLOCK)` with bounds loaded from
-    ``kv_indptr`` then fails. Only active with TRITON_INTERPRET=1 (CPU tests).
+    ``kv_indptr`` then fails. The launchers call this before each kernel; it changes
+    nothing unless TRITON_INTERPRET=1 (the CPU tests) and patches the interpreter once.
     """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
     from triton.runtime import interpreter
 
     original = interpreter._patch_lang_tensor
@@ -140,7 +143,3 @@ def _patch_interpreter_index() -> None:
     patched._lragent_patched = True
     interpreter._patch_lang_tensor = patched
     logger.debug("patched triton's interpreter for 1-element loop bounds")
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_interpreter_index()

@@ -41,6 +41,7 @@ from .common import (
     dot_precision,
     head_dim_block,
     head_dim_mask,
+    interpreter_compat,
     lr_row_alignment,
     padded_rank,
     score_scale,
@@ -284,6 +285,7 @@ def flash_lora_decode(
     batch, n_qo, head_dim = q.shape
     n_kv = k_buffer.shape[1]
     check_head_dim(head_dim)
+    interpreter_compat()
     group = n_qo // n_kv
     block_h = head_block(group)
     grid_heads = n_kv * triton.cdiv(group, block_h)

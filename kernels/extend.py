@@ -38,6 +38,7 @@ from .common import (
     dot_precision,
     head_dim_block,
     head_dim_mask,
+    interpreter_compat,
     lr_row_alignment,
     padded_rank,
     score_scale,
@@ -314,6 +315,7 @@ def flash_lora_extend(
     n_qo, head_dim = q.shape[1], q.shape[2]
     n_kv = k_buffer.shape[1]
     check_head_dim(head_dim)
+    interpreter_compat()
     batch = qo_indptr.shape[0] - 1
     prec = dot_precision(q.dtype)
     pre, post = score_scale(sm_scale, logit_cap)

@@ -5,7 +5,8 @@ fixtures here (`hf_greedy`, `run_launcher`, `assert_one_line_error`, `run_trace`
 TRITON_INTERPRET must be set before triton is first imported anywhere in the process
 (peft, transformers and sglang import it too): triton.language's own helpers such as
 `tl.cdiv` are decorated at import time, so setting it later breaks interpreted kernels.
-Hence here, in the conftest, which pytest imports before any test module.
+Hence here, in the conftest, which pytest imports before any test module; the
+interpreter's NumPy 2.4 fix (`kernels.common.interpreter_compat`) goes in right after.
 """
 
 import os
@@ -23,6 +24,9 @@ if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set")
     os.environ["TRITON_INTERPRET"] = "1"
+    from lragent_sglang.kernels.common import interpreter_compat
+
+    interpreter_compat()  # before any interpreted kernel, SGLang's index kernels included
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
