@@ -21,6 +21,10 @@ class TreeNode:
     segment for one adapter or sharing group; an ``lr_key`` present here is present on
     every ancestor too (LR coverage is contiguous from the root).
 
+    ``namespace`` is set on the root's children only: the cache namespace (SGLang's
+    `cache_salt`) their subtree belongs to, None for the common one. Namespaces never
+    share a node, so requests of one salt never match another salt's (or no salt's) pages.
+
     Lock counts are claims of in-flight requests on the path root -> node:
     ``lock_ref`` counts every claim (the base is always locked), ``lr_lock_ref[k]``
     counts the claims of requests using ``k``. A claim on ``k`` may exist where ``lr[k]``
@@ -41,6 +45,7 @@ class TreeNode:
         "lr_last_access_time",
         "hit_count",
         "lr_hit_count",
+        "namespace",
     )
 
     def __init__(
@@ -62,6 +67,7 @@ class TreeNode:
         self.lr_last_access_time: dict[LRKey, int] = {}
         self.hit_count = 0
         self.lr_hit_count: dict[LRKey, int] = {}
+        self.namespace: Hashable = None
 
     @property
     def evicted(self) -> bool:

@@ -1,6 +1,8 @@
 """LRRadixTree: the LRAgent prefix tree (shared base pages + per-``lr_key`` LR pages).
 
-The tree is keyed by token ids only. A node's ``base`` slots are shared by every adapter;
+The tree is keyed by token ids only (within a cache namespace: SGLang's `cache_salt`,
+given as ``namespace``; the root's children of one namespace are apart from every other's).
+A node's ``base`` slots are shared by every adapter;
 its ``lr`` mapping holds each adapter's (or sharing group's) low-rank cache slots for
 the same tokens. Insertion is first-writer-wins for both components, eviction is
 leaf-first per component, and locks protect what in-flight requests use. Structure and
@@ -15,6 +17,8 @@ import itertools
 import logging
 import sys
 from collections import defaultdict
+from array import array
+from collections.abc import Hashable
 from typing import Any, TextIO
 
 import torch
@@ -72,8 +76,10 @@ class LRRadixTree:
         self._clock = 0
         self.stats_.reset()
 
-    def match(self, tokens: TokenIds, lr_key: LRKey = None, *, record_stats: bool = True) -> MatchResult:
-        """Longest cached page-aligned prefix of ``tokens`` and ``lr_key``'s LR reach within it.
+    def match(self, tokens: TokenIds, lr_key: LRKey = None, *, namespace: Hashable = None,
+              record_stats: bool = True) -> MatchResult:
+        """Longest cached page-aligned prefix of ``tokens`` in ``namespace`` and ``lr_key``'s
+        LR reach within it.
 
         Splits the node where the match ends inside a segment, as SGLang does, so the
         returned nodes end exactly at the matched lengths. ``record_stats=False`` is for
@@ -93,7 +99,7 @@ class LRRadixTree:
         lr_len = 0
         pos = 0
         while pos < n:
-            child = node.children.get(key[pos] if ps == 1 else tuple(key[pos : pos + ps]))
+            child = node.children.get(self._lookup_key(node, key, pos, namespace))
             if child is None:
                 break
             end = pos + len(child.key)
@@ -130,8 +136,8 @@ class LRRadixTree:
             last_lr_node=lr_node,
         )
 
-    def insert_base(self, tokens: TokenIds, slots: torch.Tensor) -> InsertResult:
-        """Cache base (K, V_base) slots for the page-aligned part of ``tokens``.
+    def insert_base(self, tokens: TokenIds, slots: torch.Tensor, *, namespace: Hashable = None) -> InsertResult:
+        """Cache base (K, V_base) slots for the page-aligned part of ``tokens`` in ``namespace``.
 
         First writer wins: the already cached prefix keeps its slots and the caller's
         slots for it (``[:prefix_len]``) are not taken; only the new suffix is stored.
@@ -147,7 +153,7 @@ class LRRadixTree:
         node.last_access_time = now
         pos = 0
         while pos < n:
-            child = node.children.get(key[pos] if ps == 1 else tuple(key[pos : pos + ps]))
+            child = node.children.get(self._lookup_key(node, key, pos, namespace))
             if child is None:
                 break
             end = pos + len(child.key)
@@ -168,7 +174,9 @@ class LRRadixTree:
                 access_time=now,
             )
             new_node.hit_count = 1
-            node.children[child_key(key, pos, ps)] = new_node
+            if node is self.root_node:
+                new_node.namespace = namespace
+            node.children[self._lookup_key(node, key, pos, namespace)] = new_node
             self.base_evictable_size_ += n - pos
             self._base_leaves.discard(node)
             self._base_leaves.add(new_node)
@@ -176,8 +184,9 @@ class LRRadixTree:
             node = new_node
         return InsertResult(prefix_len=prefix_len, total_len=n, last_node=node)
 
-    def insert_lr(self, tokens: TokenIds, lr_key: LRKey, lr_slots: torch.Tensor) -> InsertResult:
-        """Cache ``lr_key``'s LR slots for the page-aligned part of ``tokens``.
+    def insert_lr(self, tokens: TokenIds, lr_key: LRKey, lr_slots: torch.Tensor, *,
+                  namespace: Hashable = None) -> InsertResult:
+        """Cache ``lr_key``'s LR slots for the page-aligned part of ``tokens`` in ``namespace``.
 
         The base must already cover those tokens (whoever wrote it: a base-shared
         request stores its LR under another adapter's base). First writer wins: LR
@@ -196,7 +205,7 @@ class LRRadixTree:
         node = self.root_node
         pos = 0
         while pos < n:
-            child = node.children.get(key[pos] if ps == 1 else tuple(key[pos : pos + ps]))
+            child = node.children.get(self._lookup_key(node, key, pos, namespace))
             if child is None:
                 break
             end = pos + len(child.key)
@@ -472,7 +481,7 @@ class LRRadixTree:
             node = stack.pop()
             m = len(node.key)
             parent = node.parent
-            _check(parent.children.get(child_key(node.key, 0, ps)) is node, f"bad child link {node!r}")
+            _check(parent.children.get(self._link_key(node)) is node, f"bad child link {node!r}")
             _check(m > 0 and m % ps == 0, f"segment not page aligned {node!r}")
             _check(node.base is not None and len(node.base) == m, f"base length {node!r}")
             _check(set(node.lr) == set(node.lr_last_access_time) == set(node.lr_hit_count), f"lr metadata {node!r}")
@@ -508,6 +517,18 @@ class LRRadixTree:
 
     # ------------------------------------------------------------- internal helpers
 
+    def _lookup_key(self, node: TreeNode, key: array, pos: int, namespace: Hashable) -> Hashable:
+        """Dict key of ``node``'s child holding ``key[pos:]``; below the root of a namespace
+        other than the common one, the first page is tagged with the namespace."""
+        first = child_key(key, pos, self.page_size)
+        if namespace is None or node is not self.root_node:
+            return first
+        return (_NAMESPACE, namespace, first)
+
+    def _link_key(self, node: TreeNode) -> Hashable:
+        """The key under which ``node`` hangs in its parent's children."""
+        return self._lookup_key(node.parent, node.key, 0, node.namespace)
+
     def _split_node(self, child: TreeNode, split_len: int) -> TreeNode:
         """Insert a node for ``child``'s first ``split_len`` tokens above it and return it.
 
@@ -517,19 +538,21 @@ class LRRadixTree:
         """
         ps = self.page_size
         parent = child.parent
+        link = self._link_key(child)
         new_node = TreeNode(
             parent=parent,
             key=child.key[:split_len],
             base=child.base[:split_len],
             access_time=child.last_access_time,
         )
+        new_node.namespace = child.namespace
         new_node.lr = {k: v[:split_len] for k, v in child.lr.items()}
         new_node.lock_ref = child.lock_ref
         new_node.lr_lock_ref = dict(child.lr_lock_ref)
         new_node.lr_last_access_time = dict(child.lr_last_access_time)
         new_node.hit_count = child.hit_count
         new_node.lr_hit_count = dict(child.lr_hit_count)
-        parent.children[child_key(child.key, 0, ps)] = new_node
+        parent.children[link] = new_node
         child.key = child.key[split_len:]
         child.base = child.base[split_len:]
         child.lr = {k: v[split_len:] for k, v in child.lr.items()}
@@ -573,7 +596,7 @@ class LRRadixTree:
         """Unlink an unlocked leaf, moving its LR arrays into ``lr_parts``; marks it evicted."""
         m = len(node.key)
         parent = node.parent
-        del parent.children[child_key(node.key, 0, self.page_size)]
+        del parent.children[self._link_key(node)]
         self.base_evictable_size_ -= m
         self._base_leaves.discard(node)
         root = self.root_node
@@ -603,6 +626,11 @@ class LRRadixTree:
         if len(parts) == 1:
             return parts[0]
         return torch.cat(parts) if parts else self._empty
+
+
+# Tags a namespaced first page; token ids are ints and pages tuples of ints, so no
+# common-namespace key equals a tagged one.
+_NAMESPACE = "cache namespace"
 
 
 def _check(condition: bool, message: str) -> None:

@@ -180,6 +180,40 @@ def test_empty_and_missing_match_return_root() -> None:
         assert m.base_indices.dtype == torch.int64 and len(m.base_indices) == 0
 
 
+# ----------------------------------------------------------------- cache namespaces
+
+
+@pytest.mark.parametrize("page_size", [1, 2])
+def test_namespaces_never_share_pages(page_size: int) -> None:
+    """SGLang's cache_salt: a salt's requests share among themselves, never with another
+    salt's or with unsalted ones, even for the same tokens."""
+    tree = LRRadixTree(page_size=page_size)
+    tokens = [1, 2, 3, 4, 5, 6]
+    tree.insert_base(tokens, slots(10, 6))
+    tree.insert_lr(tokens, "a", slots(100, 6))
+    tree.insert_base(tokens[:4], slots(20, 4), namespace="tenant-1")
+    tree.insert_lr(tokens[:4], "a", slots(200, 4), namespace="tenant-1")
+    common = tree.match(tokens, "a")
+    salted = tree.match(tokens, "a", namespace="tenant-1")
+    assert as_list(common.base_indices) == list(range(10, 16)) and common.lr_len == 6
+    assert as_list(salted.base_indices) == [20, 21, 22, 23] and as_list(salted.lr_indices) == [200, 201, 202, 203]
+    assert tree.match(tokens, "a", namespace="tenant-2").base_len == 0
+    tree.sanity_check()
+
+
+def test_namespace_splits_and_eviction_keep_the_links() -> None:
+    tree = LRRadixTree()
+    tree.insert_base([1, 2, 3, 4], slots(0, 4), namespace="s")
+    tree.insert_base([1, 2, 9], slots(10, 3), namespace="s")  # splits the salted root child
+    tree.insert_base([1, 2, 3, 4], slots(20, 4))
+    tree.sanity_check()
+    assert tree.match([1, 2, 9], namespace="s").base_len == 3
+    freed = tree.evict_base(100)
+    assert sorted(as_list(freed.base_indices)) == [0, 1, 2, 3, 12, 20, 21, 22, 23]  # 10, 11: duplicates
+    assert not tree.root_node.children
+    tree.sanity_check()
+
+
 # ----------------------------------------------------------------- split consistency
 
 

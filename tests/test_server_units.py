@@ -196,14 +196,21 @@ def test_alloc_lr_evicts_lr_pages_then_refuses_naming_the_pool():
         s.cache.alloc_lr(8)
 
 
-def test_salted_requests_are_neither_matched_nor_cached():
-    s = Scheduler(Scheme.BASE_SHARED)
+def test_salted_requests_share_within_their_salt_only():
+    """cache_salt is a namespace of the tree: base and LR pages are shared by the requests
+    of one salt and by nobody else (issue 17)."""
+    s = Scheduler(Scheme.BASE_LR_SHARED)
     s.finish(s.prefill(PROMPT, "a"))
-    salted = s.prefill(PROMPT, "a", extra_key="tenant-1")
-    assert len(salted.prefix_indices) == 0 and salted.lragent.gap is None
-    s.finish(salted)
+    first = s.prefill(PROMPT, "b", extra_key="tenant-1")
+    assert len(first.prefix_indices) == 0 and first.lragent.gap is None, "nothing from the unsalted request"
+    s.finish(first)
+    again, other = s.prefill(PROMPT, "a", extra_key="tenant-1"), s.prefill(PROMPT, "a", extra_key="tenant-2")
+    assert len(again.prefix_indices) == 10 and again.lragent.lr_protected == 10, "the same salt hits base and LR"
+    assert len(other.prefix_indices) == 0, "another salt does not"
+    s.finish(again)
+    s.finish(other)
     s.assert_no_leak()
-    assert s.cache.total_size() == 10
+    assert s.cache.total_size() == 30 and s.cache.tree.lr_total_size() == 30
 
 
 def test_chunked_prefill_caches_the_chunk_and_moves_the_lock():

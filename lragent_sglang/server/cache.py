@@ -7,8 +7,9 @@ the base slots between the two (the "gap") are handed to the request through its
 `RequestState` (`req.lragent.gap`), and `allocation` points the request at them instead of fresh KV
 slots, so an LR prefill recomputes only the LR rows there (its K/V writes go to the
 padding slot 0). Insertion is first-writer-wins for base and LR; duplicates a request
-computed concurrently are freed. Requests with a cache namespace (`cache_salt`) are not
-cached here (they never share), which keeps isolation without a tree per namespace.
+computed concurrently are freed. A request's cache namespace (`cache_salt`, which SGLang
+carries in `extra_key`) is the tree's namespace: salted requests share base and LR pages
+with requests of the same salt only, never with other salts or unsalted ones.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class LRAgentRadixCache(BasePrefixCache):
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         key, req = params.key, params.req
-        if self.disable or key.extra_key is not None or len(key) == 0:
+        if self.disable or len(key) == 0:
             if req is None:
                 return self._empty_match()
             if first_look(req):
@@ -117,7 +118,7 @@ class LRAgentRadixCache(BasePrefixCache):
             return self._empty_match(self.rt.lr_key(req.lora_id))
         lr_key = self.rt.lr_key(req.lora_id) if req is not None else None
         counted = first_look(req)
-        m = self.tree.match(key.raw_token_ids(), lr_key, record_stats=counted)
+        m = self.tree.match(key.raw_token_ids(), lr_key, namespace=key.extra_key, record_stats=counted)
         use_len = m.lr_len if lr_key is not None else m.base_len
         if counted:
             self.adapter_stats.record(req.lora_id, prompt_len(req), m.base_len, use_len)
@@ -138,14 +139,15 @@ class LRAgentRadixCache(BasePrefixCache):
         tokens = token_ids[:n]
         kv = self.req_to_token_pool.req_to_token[row, :n].to(torch.int64)
         protected = req.cache_protected_len
-        res = self.tree.insert_base(tokens, kv)
-        m = self.tree.match(tokens, handle.lr_key, record_stats=False)
+        ns = req.extra_key
+        res = self.tree.insert_base(tokens, kv, namespace=ns)
+        m = self.tree.match(tokens, handle.lr_key, namespace=ns, record_stats=False)
         self._free_duplicates(kv[protected : res.prefix_len], m.base_indices[protected : res.prefix_len])
         lr_slots = None
         if handle.lr_key is not None:
             lr = self.lr_pool.req_to_lr[row, :n]
-            res_lr = self.tree.insert_lr(tokens, handle.lr_key, lr)
-            m = self.tree.match(tokens, handle.lr_key, record_stats=False)
+            res_lr = self.tree.insert_lr(tokens, handle.lr_key, lr, namespace=ns)
+            m = self.tree.match(tokens, handle.lr_key, namespace=ns, record_stats=False)
             dup = slice(req.lragent.lr_protected, res_lr.prefix_len)
             self._free_duplicates(lr[dup], m.lr_indices[dup], lr_pool=True)
             lr_slots = m.lr_indices
@@ -162,7 +164,7 @@ class LRAgentRadixCache(BasePrefixCache):
                 self.token_to_kv_pool_allocator.free(dup)
 
     def cache_unfinished_req(self, req: Any, chunked: bool = False, **kwargs: Any) -> None:
-        if self.disable or req.extra_key is not None:
+        if self.disable:
             return
         token_ids = req.get_fill_ids()
         n = len(token_ids)
@@ -185,7 +187,7 @@ class LRAgentRadixCache(BasePrefixCache):
         row = req.req_pool_idx
         token_ids = (req.origin_input_ids + req.output_ids)[:kv_len_to_handle]
         n = len(token_ids)
-        insert = is_insert and not self.disable and req.extra_key is None
+        insert = is_insert and not self.disable
         kv = self.req_to_token_pool.req_to_token[row, :n].to(torch.int64)
         if insert:
             self._insert(req, token_ids, n)
