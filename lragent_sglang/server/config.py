@@ -13,12 +13,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lragent_sglang.scheme import DEFAULT_LR_BASIS, DEFAULT_SCHEME, LRBasis, Scheme, check_lr_basis
+from lragent_sglang.scheme import DEFAULT_LR_BASIS, DEFAULT_SCHEME, ConfigError, LRBasis, Scheme, check_lr_basis
 
 #: the name of both our backends (`--attention-backend`, `--radix-cache-backend`)
 BACKEND_NAME = "lragent"
 SCHEME_ENV = "LRAGENT_SCHEME"
 LR_BASIS_ENV = "LRAGENT_LR_BASIS"
+MAX_BODY_ENV = "LRAGENT_MAX_BODY_MB"
+#: HTTP request bodies above this many MiB are refused (413) before SGLang parses them
+DEFAULT_MAX_BODY_MB = 8.0
+
+
+def parse_max_body_mb(value: str) -> float:
+    """The body limit in MiB; ConfigError naming the setting unless a positive number."""
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = 0.0
+    if not 0 < mb < float("inf"):
+        raise ConfigError(f"{MAX_BODY_ENV} / --lragent-max-body-mb must be a positive number of MiB, got {value!r}")
+    return mb
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class LRAgentConfig:
 
     scheme: Scheme = DEFAULT_SCHEME
     lr_basis: LRBasis = DEFAULT_LR_BASIS
+    max_body_mb: float = DEFAULT_MAX_BODY_MB
 
     def __post_init__(self) -> None:
         check_lr_basis(self.lr_basis, self.scheme)
@@ -38,10 +53,11 @@ class LRAgentConfig:
         return cls(
             Scheme.parse(environ.get(SCHEME_ENV, DEFAULT_SCHEME)),
             LRBasis.parse(environ.get(LR_BASIS_ENV, DEFAULT_LR_BASIS)),
+            parse_max_body_mb(environ.get(MAX_BODY_ENV, str(DEFAULT_MAX_BODY_MB))),
         )
 
     def to_env(self) -> dict[str, str]:
-        return {SCHEME_ENV: str(self.scheme), LR_BASIS_ENV: str(self.lr_basis)}
+        return {SCHEME_ENV: str(self.scheme), LR_BASIS_ENV: str(self.lr_basis), MAX_BODY_ENV: str(self.max_body_mb)}
 
 
 def selected(server_args: Any) -> bool:

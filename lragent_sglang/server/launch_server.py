@@ -2,6 +2,7 @@
 
     python -m lragent_sglang.server.launch_server --model-path M --lora-paths plan=P ... \
         [--lragent-scheme base-lr-shared] [--lragent-lr-basis shared-a|joint] \
+        [--lragent-max-body-mb 8] \
         [any other SGLang server flag]
 
 Our flags become environment variables (see `config`) that SGLang's scheduler processes
@@ -21,7 +22,15 @@ from lragent_sglang.adapters.check import check_server_adapters
 from lragent_sglang.adapters.io import AdapterError
 from lragent_sglang.scheme import DEFAULT_LR_BASIS, DEFAULT_SCHEME, ConfigError, LRBasis, Scheme
 from lragent_sglang.server import cpu_compat
-from lragent_sglang.server.config import BACKEND_NAME, LR_BASIS_ENV, SCHEME_ENV, LRAgentConfig
+from lragent_sglang.server.config import (
+    BACKEND_NAME,
+    DEFAULT_MAX_BODY_MB,
+    LR_BASIS_ENV,
+    MAX_BODY_ENV,
+    SCHEME_ENV,
+    LRAgentConfig,
+    parse_max_body_mb,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "v_proj A (shared-a), or with the joint orthonormal basis of all --lora-paths "
         "adapters' v_proj A, exact for any adapters (joint) (default: %(default)s)",
     )
+    parser.add_argument(
+        "--lragent-max-body-mb",
+        default=os.environ.get(MAX_BODY_ENV, str(DEFAULT_MAX_BODY_MB)),
+        help="HTTP request bodies above this many MiB are refused with 413 before SGLang "
+        "parses and tokenises them (default: %(default)s)",
+    )
     return parser
 
 
@@ -80,7 +95,8 @@ def lragent_config(parser: argparse.ArgumentParser, ours: argparse.Namespace) ->
     """Check our flags together (an environment default may be any string) and hand them to
     SGLang's processes as variables."""
     try:
-        config = LRAgentConfig(Scheme.parse(ours.lragent_scheme), LRBasis.parse(ours.lragent_lr_basis))
+        config = LRAgentConfig(Scheme.parse(ours.lragent_scheme), LRBasis.parse(ours.lragent_lr_basis),
+                               parse_max_body_mb(ours.lragent_max_body_mb))
     except ConfigError as exc:
         parser.error(str(exc))
     os.environ.update(config.to_env())
