@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, Callable
 
 from lragent_sglang.server import allocation, cpu_compat, lora_split, metrics, request, runtime, stats
+from lragent_sglang.server import body_limit, guards, lora_usage
 from lragent_sglang.server.config import LRAgentConfig
 from lragent_sglang.server.runtime import LRAgentRuntime
 
@@ -90,6 +91,35 @@ def sglang_patches(rt: LRAgentRuntime) -> tuple[Patch, ...]:
     )
 
 
+def request_guard_patches(rt: LRAgentRuntime) -> tuple[Patch, ...]:
+    """Hostile-client guards in the process that receives requests, in every scheme
+    (issues 17 and 20); each acts only where both our backends are selected."""
+    tm = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+    return (
+        Patch(f"{tm}.generate_request", guards.validate_request, "before", always,
+              "refuse out-of-vocabulary ids, mistyped sampling_params and a lora_path list for one prompt "
+              "with a one-line 400 before they reach the model (they kill the scheduler or end in a 500)"),
+        Patch(f"{tm}.load_lora_adapter", partial(guards.check_adapter_load, rt), "around", always,
+              "refuse a runtime adapter the launcher would refuse (missing folder, scheme rules) naming it"),
+        Patch(f"{tm}.__init__", partial(body_limit.add_body_limit, rt), "after", always,
+              "413 for request bodies above --lragent-max-body-mb before SGLang parses and tokenises them"),
+        Patch(f"{tm}._resolve_lora_path", lora_usage.track_acquire, "around", always,
+              "note the adapter usage count SGLang acquires for each request"),
+        Patch(f"{tm}._send_one_request", lora_usage.track_send_one, "after", always,
+              "note each rid the scheduler will run for an adapter request"),
+        Patch(f"{tm}._send_batch_request", lora_usage.track_send_batch, "after", always,
+              "the same for batched sends"),
+        Patch(f"{tm}._handle_batch_output", lora_usage.track_outputs, "before", always,
+              "a finished rid is done with its adapter, even when its state was already deleted"),
+        Patch(f"{tm}._handle_abort_req", lora_usage.track_abort, "before", always,
+              "the same for a request the scheduler dropped from its waiting queue"),
+        Patch(f"{tm}._remove_req_state", lora_usage.track_state_removed, "after", always,
+              "release a request's count once its state is gone and the scheduler is done with it"),
+        Patch("sglang.srt.lora.lora_registry.LoRARegistry.release", lora_usage.skip_stock_release, "around",
+              always, "SGLang never releases disconnected requests and releases some twice; the ledger does it"),
+    )
+
+
 def cpu_patches() -> tuple[Patch, ...]:
     """Hooks that let SGLang 0.5.17 serve on a machine without an accelerator."""
     return (
@@ -111,7 +141,8 @@ def install(rt: LRAgentRuntime | None, cpu: bool) -> list[Patch]:
     invalid settings); return them (for logs and tests)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    rows = [p for p in sglang_patches(rt) if p.when(rt.config)] if rt is not None else []
+    serving = (*sglang_patches(rt), *request_guard_patches(rt)) if rt is not None else ()
+    rows = [p for p in serving if p.when(rt.config)]
     if cpu:
         rows.extend(cpu_patches())
     for row in rows:
