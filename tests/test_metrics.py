@@ -16,7 +16,9 @@ import torch
 
 from lragent_sglang.scheme import Scheme
 from lragent_sglang.server import metrics, stats
+from lragent_sglang.server.config import LRAgentConfig
 from lragent_sglang.server.request import RequestState
+from lragent_sglang.server.runtime import LRAgentRuntime
 from lragent_sglang.adapters.make import make_role_adapters
 from lragent_sglang.agents.server_process import ServerProcess
 
@@ -58,20 +60,26 @@ def snapshot(per_adapter: dict[str | None, dict[str, int]], per_key: dict[str, d
     }
 
 
-def exporter_for(cache: SimpleNamespace, lora_ids: dict[str, str], scheme: Scheme, rank: int = 0) -> metrics.LRAgentMetrics:
+def runtime(scheme: Scheme, lr_keys: dict[str, str] | None = None) -> LRAgentRuntime:
+    rt = LRAgentRuntime(LRAgentConfig(scheme))
+    rt.lr_keys.update(lr_keys or {})
+    return rt
+
+
+def exporter_for(cache: SimpleNamespace, lora_ids: dict[str, str], rt: LRAgentRuntime, rank: int = 0) -> metrics.LRAgentMetrics:
     scheduler = SimpleNamespace(
         tree_cache=cache,
         server_args=SimpleNamespace(lora_paths=[SimpleNamespace(lora_id=i, lora_name=n) for i, n in lora_ids.items()]),
         tp_worker=SimpleNamespace(model_runner=None),
     )
     collector = SimpleNamespace(labels={"unit_rank": rank}, _counter_cls=FakeMetric, _gauge_cls=FakeMetric)
-    return metrics.LRAgentMetrics(scheduler, collector, scheme)
+    return metrics.LRAgentMetrics(scheduler, collector, rt)
 
 
 def test_counters_follow_deltas_and_resets():
     cache = SimpleNamespace(snap=None)
     cache.stats = lambda: cache.snap
-    exporter = exporter_for(cache, {"id-plan": "plan", "id-act": "action"}, Scheme.BASE_LR_SHARED)
+    exporter = exporter_for(cache, {"id-plan": "plan", "id-act": "action"}, runtime(Scheme.BASE_LR_SHARED))
     fams = exporter.fams
     reprefill = fams.adapter_counters["lr_reprefill_tokens"]
     prompt = fams.adapter_counters["prompt_tokens"]
@@ -100,12 +108,13 @@ def test_counters_follow_deltas_and_resets():
 
 
 def test_adapter_and_lr_key_of_one_name_stay_apart():
-    """In base-shared an adapter's LR key has the adapter's name: separate delta bookkeeping."""
-    cache = SimpleNamespace(snap=snapshot({"id-plan": {}}, {"id-plan": {"lr_evicted_tokens": 6}}))
+    """In base-shared an adapter's LR key (its content) is shown with the adapter's name:
+    separate delta bookkeeping."""
+    cache = SimpleNamespace(snap=snapshot({"id-plan": {}}, {"adapter:c0ffee": {"lr_evicted_tokens": 6}}))
     cache.stats = lambda: cache.snap
-    exporter = exporter_for(cache, {"id-plan": "plan"}, Scheme.BASE_SHARED, rank=2)
+    exporter = exporter_for(cache, {"id-plan": "plan"}, runtime(Scheme.BASE_SHARED, {"id-plan": "adapter:c0ffee"}), rank=2)
     exporter.update()
-    cache.snap = snapshot({"id-plan": {"requests": 1}}, {"id-plan": {"lr_evicted_tokens": 6}})
+    cache.snap = snapshot({"id-plan": {"requests": 1}}, {"adapter:c0ffee": {"lr_evicted_tokens": 6}})
     exporter.update()
     assert exporter.fams.lr_key_counters["lr_evicted_tokens"].values[("2", "plan")] == 6
     assert exporter.fams.adapter_counters["requests"].values[("2", "plan")] == 1
@@ -120,7 +129,7 @@ def test_stock_cache_exports_adapters_and_base_only():
         evictable_size=lambda: 6, protected_size=lambda: 2, lragent_stats=counted,
         token_to_kv_pool_allocator=SimpleNamespace(get_kvcache=lambda: kv),
     )
-    exporter = exporter_for(cache, {"id-plan": "plan"}, Scheme.NON_SHARED, rank=3)
+    exporter = exporter_for(cache, {"id-plan": "plan"}, runtime(Scheme.NON_SHARED), rank=3)
     exporter.update()
     fams = exporter.fams
     assert fams.adapter_counters["computed_tokens"].values[("3", "plan")] == 6
@@ -150,7 +159,7 @@ def test_first_look_counts_once_and_skips_health_checks():
 def test_update_failure_does_not_raise():
     scheduler = SimpleNamespace(tree_cache=SimpleNamespace(stats=lambda: {"per_lr_key": {}}))
     collector = SimpleNamespace(labels={"unit_rank": 1}, _counter_cls=FakeMetric, _gauge_cls=FakeMetric)
-    exporter = metrics.LRAgentMetrics(scheduler, collector, Scheme.BASE_SHARED)
+    exporter = metrics.LRAgentMetrics(scheduler, collector, runtime(Scheme.BASE_SHARED))
     exporter.safe_update()
     assert exporter.failed
 

@@ -61,6 +61,8 @@ class Scheduler:
         self.rt = LRAgentRuntime(LRAgentConfig(scheme))
         self.rt.bound = self.rt.enabled = True
         self.rt.width = 4
+        if scheme.one_lr_cache:  # as --lora-paths adapters found the group at start-up
+            self.rt.group = lora_split.shared_a_group("a", {0: torch.ones(4, 8), 1: torch.ones(4, 8)})
         self.rt.lr_pool = LRTokenPool(lr_slots or 2 * KV_SLOTS, 4, 2, torch.float32, "cpu",
                                       max_reqs=9, max_context_len=MAX_CONTEXT)
         params = SimpleNamespace(disable=False, req_to_token_pool=self.rows, token_to_kv_pool_allocator=self.allocator,
@@ -152,13 +154,13 @@ def test_base_lr_shared_second_adapter_hits_the_shared_lr():
     s.finish(s.prefill(PROMPT, "a"))
     b = s.match(PROMPT + [7, 8], "b")
     assert len(b.prefix_indices) == 10 and b.lragent.gap is None
-    assert b.last_node.lr_key == SHARED_LR_KEY
+    assert b.last_node.lr_key == f"{SHARED_LR_KEY}:{s.rt.group.digest}"
     s.extend(b)
     assert s.rt.lr_pool.req_to_lr[b.req_pool_idx, :10].ne(0).all(), "the shared LR prefix is handed over"
     assert b.lragent.lr_protected == 10
     s.finish(b)
     s.assert_no_leak()
-    assert s.cache.tree.lr_total_size(SHARED_LR_KEY) == 12
+    assert s.cache.tree.lr_total_size(b.last_node.lr_key) == 12
 
 
 def test_concurrent_duplicates_are_freed_first_writer_wins():
@@ -308,6 +310,47 @@ def test_base_lr_shared_writes_the_group_rows_for_every_token():
     torch.testing.assert_close(rt.lr_pool.lr_buffer[0][1:3], x @ g.float().T)
 
 
+def fake_adapter(seed: int, scaling: float = 2.0) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(seed)
+    weights = {"self_attn.qkv_proj.lora_A.weight": torch.randn(3 * R, HIDDEN, generator=gen),
+               "self_attn.qkv_proj.lora_B.weight": torch.randn(H_Q * D + 2 * H_KV * D, R, generator=gen)}
+    return SimpleNamespace(scaling=scaling, config=SimpleNamespace(r=R), layers=[SimpleNamespace(weights=weights)])
+
+
+def load(rt: LRAgentRuntime, uid: str, adapter: SimpleNamespace) -> None:
+    manager = SimpleNamespace(loras={uid: adapter})
+    lora_split.on_adapter_load(rt, lambda m, ref: None, manager, SimpleNamespace(lora_id=uid, lora_name=uid))
+
+
+def test_base_shared_lr_keys_follow_adapter_content_not_name():
+    """A name reloaded with other weights never reads the old LR rows; identical weights
+    under another name read the same ones (issue 17)."""
+    rt, _ = split_runtime(Scheme.BASE_SHARED)
+    load(rt, "plan-v1", fake_adapter(1))
+    load(rt, "plan-v2", fake_adapter(2))  # "plan" unloaded and loaded again with new weights
+    load(rt, "copy", fake_adapter(1))
+    load(rt, "rescaled", fake_adapter(1, scaling=3.0))
+    keys = {uid: rt.lr_key(uid) for uid in ("plan-v1", "plan-v2", "copy", "rescaled")}
+    assert keys["plan-v1"] == keys["copy"]
+    assert len({keys["plan-v1"], keys["plan-v2"], keys["rescaled"]}) == 3
+    assert rt.lr_key(None) is None
+    names = rt.lr_key_names({"plan-v1": "plan", "copy": "copy", "plan-v2": "plan"})
+    assert names[keys["copy"]] == "plan+copy" and names[keys["plan-v2"]] == "plan"
+
+
+def test_base_lr_shared_key_is_the_group_basis_and_none_before_a_group():
+    """Rows written before any adapter founded the group (A = 0: zeros) must not be read
+    by the group's adapters later; rows of one basis never serve another."""
+    rt, _ = split_runtime(Scheme.BASE_LR_SHARED)
+    assert rt.lr_key(None) is None and rt.lr_key("plan") is None
+    lora_split.set_group(rt, lora_split.shared_a_group("plan", {0: torch.randn(R, HIDDEN, dtype=torch.float64)}))
+    first = rt.lr_key(None)
+    assert first.startswith(SHARED_LR_KEY) and rt.lr_key("plan") == first
+    assert rt.lr_key_names({}) == {first: SHARED_LR_KEY}
+    lora_split.set_group(rt, lora_split.shared_a_group("other", {0: torch.randn(R, HIDDEN, dtype=torch.float64)}))
+    assert rt.lr_key(None) != first
+
+
 # ---- the patch table and the request hook -------------------------------------------
 
 
@@ -326,7 +369,7 @@ def test_patch_rows_follow_the_scheme(scheme):
     assert ("QKVParallelLinearWithLoRA.forward" in targets) == scheme.shares_base
     assert ("allocation.alloc_for_extend" in targets) == scheme.shares_base
     assert ("RadixCache.match_prefix" in targets) == (not scheme.shares_base)
-    assert ("LoRAManager.load_lora_weights" in targets) == scheme.one_lr_cache
+    assert ("LoRAManager.load_lora_weights" in targets) == scheme.shares_base
     assert "Req.__init__" in targets and "Scheduler.get_internal_state" in targets
 
 

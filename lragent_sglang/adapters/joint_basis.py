@@ -20,6 +20,8 @@ LR cache, either the adapters' common A (shared-A) or their joint basis, and
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -162,6 +164,16 @@ def residual_tol(dtype: torch.dtype) -> float:
     return max(1e-4, 4 * torch.finfo(dtype).eps)
 
 
+def tensors_digest(tag: str, named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """A short content hash of named tensors (their bytes, dtypes and shapes)."""
+    h = hashlib.sha256(tag.encode())
+    for name, t in named:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class GroupBasis:
     """The rows G_l [k_l, hidden] (float64) that base-lr-shared computes every LR row
@@ -176,6 +188,12 @@ class GroupBasis:
     def width(self) -> int:
         """LR row width that holds every layer's rows."""
         return max((g.shape[0] for g in self.rows.values()), default=0)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Content hash of the rows (hashed once): the LR cache computed with them is keyed
+        by it, so rows computed with another basis are never read back."""
+        return tensors_digest(self.kind, [(str(layer), self.rows[layer]) for layer in sorted(self.rows)])
 
     def describe(self) -> str:
         who = ", ".join(repr(n) for n in self.names)

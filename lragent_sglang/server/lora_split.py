@@ -2,10 +2,12 @@
 
 Hooks on SGLang's LoRA code (rows of `patches`, base-sharing schemes only):
 
-- around `LoRAManager.load_lora_weights` (and its from-tensors twin): in base-lr-shared,
-  refuse an adapter the group's LR basis cannot serve exactly (a different v_proj A under
-  shared-a, A rows outside the start-up joint basis under joint). SGLang reports the
-  error as a failed load (`/load_lora_adapter`) or a start-up failure naming the adapter.
+- around `LoRAManager.load_lora_weights` (and its from-tensors twin): in base-shared,
+  key the adapter's LR rows by the digest of its weights (`LRAgentRuntime.lr_keys`); in
+  base-lr-shared, refuse an adapter the group's LR basis cannot serve exactly (a different
+  v_proj A under shared-a, A rows outside the start-up joint basis under joint). SGLang
+  reports the error as a failed load (`/load_lora_adapter`) or a start-up failure naming
+  the adapter.
 - after `LoRAMemoryPool.load_lora_weight_to_buffer`: copy the adapter's v_proj B (times
   alpha/r) into the runtime's `b_v` stack and its v_proj A into `a_v`, then zero B_v in
   SGLang's buffer so the stock QKV LoRA adds nothing to V. In base-lr-shared the LR rows
@@ -36,6 +38,7 @@ from lragent_sglang.adapters.joint_basis import (
     group_b,
     joint_group,
     shared_a_group,
+    tensors_digest,
 )
 from lragent_sglang.scheme import LRBasis
 
@@ -184,8 +187,14 @@ def adapter_v_a(lora_adapter: Any) -> dict[int, torch.Tensor]:
     return out
 
 
-def check_new_adapter(rt: "LRAgentRuntime", original: Callable[..., Any], manager: Any, lora_ref: Any,
-                      *args: Any, **kwargs: Any) -> Any:
+def adapter_digest(lora_adapter: Any) -> str:
+    """Content hash of an adapter as SGLang holds it: every LoRA tensor and its scaling."""
+    named = [(f"{i}.{name}", w) for i, layer in enumerate(lora_adapter.layers) for name, w in sorted(layer.weights.items())]
+    return "adapter:" + tensors_digest(repr(float(lora_adapter.scaling)), named)
+
+
+def on_adapter_load(rt: "LRAgentRuntime", original: Callable[..., Any], manager: Any, lora_ref: Any,
+                    *args: Any, **kwargs: Any) -> Any:
     """AROUND hook of `LoRAManager.load_lora_weights[_from_tensors]` (see module docstring).
 
     Without start-up adapters, the first adapter loaded under shared-a founds the group.
@@ -194,10 +203,14 @@ def check_new_adapter(rt: "LRAgentRuntime", original: Callable[..., Any], manage
     result = original(manager, lora_ref, *args, **kwargs)
     if not rt.enabled:
         return result
+    adapter = manager.loras[lora_ref.lora_id]
+    if not rt.scheme.one_lr_cache:
+        rt.lr_keys[lora_ref.lora_id] = adapter_digest(adapter)
+        return result
     from sglang.srt.server_args import get_global_server_args
 
     name = lora_ref.lora_name
-    a_by_layer = adapter_v_a(manager.loras[lora_ref.lora_id])
+    a_by_layer = adapter_v_a(adapter)
     group = rt.group or start_up_group(get_global_server_args().lora_paths, rt.config.lr_basis)
     group = group or shared_a_group(name, a_by_layer)
     try:

@@ -25,7 +25,6 @@ import logging
 import weakref
 from typing import Any
 
-from lragent_sglang.scheme import Scheme
 from lragent_sglang.server.config import selected
 from lragent_sglang.server.runtime import LRAgentRuntime
 from lragent_sglang.server.stats import lragent_state
@@ -135,15 +134,15 @@ def families_for(collector: Any, labelnames: tuple[str, ...]) -> Families:
 class LRAgentMetrics:
     """One scheduler's exporter: turns `lragent_state` snapshots into metric updates."""
 
-    def __init__(self, scheduler: Any, collector: Any, scheme: Scheme) -> None:
+    def __init__(self, scheduler: Any, collector: Any, rt: LRAgentRuntime) -> None:
         self.scheduler = scheduler
-        self.scheme = scheme
+        self.rt = rt
         self.labels = {k: str(v) for k, v in collector.labels.items()}
         self.fams = families_for(collector, tuple(self.labels))
         self.last: dict[tuple[str, ...], int] = {}
         self.lr_keys: set[str] = set()
         self.failed = False
-        self.fams.info.labels(**self.labels, scheme=str(scheme)).set(1)
+        self.fams.info.labels(**self.labels, scheme=str(rt.scheme)).set(1)
 
     def advance(self, counter: Any, key: tuple[str, ...], value: int, labels: dict[str, str]) -> None:
         """Add what `value` (a cumulative number) grew by; after a reset it counts from 0.
@@ -157,7 +156,7 @@ class LRAgentMetrics:
         self.last[key] = value
 
     def update(self) -> None:
-        state = lragent_state(self.scheduler, self.scheme)
+        state = lragent_state(self.scheduler, self.rt)
         self.update_base(state.get("base", {}))
         for field, gauge in self.fams.pool_gauges.items():
             if field in state:
@@ -211,7 +210,7 @@ def attach_exporter(rt: LRAgentRuntime, result: Any, scheduler: Any, *args: Any,
     collector = getattr(scheduler, "metrics_collector", None)
     if collector is None or not selected(scheduler.server_args):
         return
-    _exporters[collector] = LRAgentMetrics(scheduler, collector, rt.scheme)
+    _exporters[collector] = LRAgentMetrics(scheduler, collector, rt)
     logger.info("lragent metrics: exporting %s* from this scheduler", PREFIX)
 
 

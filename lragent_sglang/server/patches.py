@@ -39,10 +39,6 @@ def stock_cache(config: LRAgentConfig) -> bool:
     return not config.scheme.shares_base
 
 
-def one_lr_cache(config: LRAgentConfig) -> bool:
-    return config.scheme.one_lr_cache
-
-
 @dataclass(frozen=True)
 class Patch:
     """One change to SGLang: `hook` runs `kind` ("before", "after", "around") `target`."""
@@ -67,10 +63,11 @@ def sglang_patches(rt: LRAgentRuntime) -> tuple[Patch, ...]:
         Patch("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
               partial(runtime.add_lr_bytes, rt), "after", shares_base,
               "the LR pool counts in SGLang's per-token memory budget"),
-        Patch("sglang.srt.lora.lora_manager.LoRAManager.load_lora_weights", partial(lora_split.check_new_adapter, rt),
-              "around", one_lr_cache, "refuse an adapter the one LR cache's basis cannot serve exactly"),
+        Patch("sglang.srt.lora.lora_manager.LoRAManager.load_lora_weights", partial(lora_split.on_adapter_load, rt),
+              "around", shares_base, "key an adapter's LR rows by its content; refuse an adapter the one LR "
+              "cache's basis cannot serve exactly"),
         Patch("sglang.srt.lora.lora_manager.LoRAManager.load_lora_weights_from_tensors",
-              partial(lora_split.check_new_adapter, rt), "around", one_lr_cache,
+              partial(lora_split.on_adapter_load, rt), "around", shares_base,
               "the same for adapters loaded from tensors"),
         Patch("sglang.srt.lora.mem_pool.LoRAMemoryPool.load_lora_weight_to_buffer",
               partial(lora_split.capture_v_weights, rt), "after", shares_base,

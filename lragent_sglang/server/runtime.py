@@ -26,7 +26,7 @@ from lragent_sglang.server.lr_pool import LRTokenPool
 
 logger = logging.getLogger(__name__)
 
-#: the tree's LR key of every request in base-lr-shared (one LR cache for all adapters)
+#: how the one LR cache of base-lr-shared is shown; its key adds the group basis's digest
 SHARED_LR_KEY = "shared-lr"
 
 
@@ -83,6 +83,10 @@ class LRAgentRuntime:
         self.lr_pool: LRTokenPool | None = None
         self.weights: LRWeights | None = None
         self.group: GroupBasis | None = None  # base-lr-shared: the rows of the one LR cache
+        # base-shared: adapter uid -> LR key, the digest of the adapter's weights (its LR rows
+        # depend on all of them), so a name reloaded with other weights never reads old rows
+        # and identical weights under another name read the same ones.
+        self.lr_keys: dict[str, str] = {}
         self.forward = ForwardState()
         # Requests whose next extend has an LR-prefill gap (set at allocation, read by the
         # attention backend without a device sync).
@@ -137,12 +141,25 @@ class LRAgentRuntime:
         return bool(hit)
 
     def lr_key(self, lora_id: str | None) -> Hashable:
-        """The tree's LR key of a request: its adapter, the shared group, or None."""
+        """The tree's LR key of a request: its adapter's content (base-shared), the group
+        basis's (base-lr-shared; no key before a group exists, whose rows would be zeros),
+        or None (no LR cache)."""
         if not self.enabled:
             return None
         if self.scheme.one_lr_cache:
-            return SHARED_LR_KEY
-        return lora_id
+            return None if self.group is None else f"{SHARED_LR_KEY}:{self.group.digest}"
+        if lora_id is None:
+            return None
+        return self.lr_keys.get(lora_id, lora_id)
+
+    def lr_key_names(self, adapter_names: dict[str, str]) -> dict[str, str]:
+        """LR key -> how people know it: `shared-lr`, or the names of the adapters whose
+        content it is (`plan`, `plan+plan-copy`); keys not listed keep their own name."""
+        out = {} if self.group is None else {f"{SHARED_LR_KEY}:{self.group.digest}": SHARED_LR_KEY}
+        for uid, key in self.lr_keys.items():
+            if uid in adapter_names:
+                out[key] = "+".join(filter(None, [out.get(key), adapter_names[uid]]))
+        return out
 
 
 def create_lr_pool(runner: Any, rt: LRAgentRuntime) -> LRTokenPool:

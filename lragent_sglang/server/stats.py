@@ -19,9 +19,8 @@ from typing import Any
 
 from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 
-from lragent_sglang.scheme import Scheme
 from lragent_sglang.server.config import selected
-from lragent_sglang.server.runtime import SHARED_LR_KEY, LRAgentRuntime, kv_bytes_per_token
+from lragent_sglang.server.runtime import LRAgentRuntime, kv_bytes_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +149,9 @@ def adapter_names(scheduler: Any) -> dict[str, str]:
 
 
 def display_name(key: Any, names: dict[str, str]) -> str:
-    """An adapter id or LR key as people know it: the adapter's name, NO_ADAPTER, shared-lr."""
+    """An adapter id or LR key as people know it (`names`), NO_ADAPTER for none."""
     if key is None or key == "None":
         return NO_ADAPTER
-    if key == SHARED_LR_KEY:
-        return SHARED_LR_KEY
     return names.get(key, str(key))
 
 
@@ -174,9 +171,10 @@ def stock_state(cache: Any) -> dict[str, Any]:
     return state
 
 
-def lragent_state(scheduler: Any, scheme: Scheme) -> dict[str, Any]:
+def lragent_state(scheduler: Any, rt: LRAgentRuntime) -> dict[str, Any]:
     """The scheduler's statistics, names resolved (see README "Statistics")."""
     cache = scheduler.tree_cache
+    scheme = rt.scheme
     state: dict[str, Any] = {
         "scheme": str(scheme),
         "sharing": {"keys_by_adapter": scheme.keys_by_adapter, "shares_base": scheme.shares_base,
@@ -187,15 +185,16 @@ def lragent_state(scheduler: Any, scheme: Scheme) -> dict[str, Any]:
     elif hasattr(cache, "evictable_size") and hasattr(cache, "token_to_kv_pool_allocator"):
         state.update(stock_state(cache))
     names = adapter_names(scheduler)
-    for field in ("per_adapter", "per_lr_key"):
-        if field in state:
-            state[field] = renamed(state[field], names)
+    if "per_adapter" in state:
+        state["per_adapter"] = renamed(state["per_adapter"], names)
+    if "per_lr_key" in state:
+        state["per_lr_key"] = renamed(state["per_lr_key"], rt.lr_key_names(names))
     return state
 
 
 def add_internal_state(rt: LRAgentRuntime, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER hook of `Scheduler.get_internal_state`."""
-    result.internal_state["lragent"] = lragent_state(scheduler, rt.scheme)
+    result.internal_state["lragent"] = lragent_state(scheduler, rt)
 
 
 def add_stats_route() -> None:
