@@ -88,3 +88,15 @@ def test_apply_vocab_mask_masks_cpu_logits():
     cpu_compat.apply_vocab_mask(lambda *a: pytest.fail("CUDA path taken"), logits, mask)
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [0, 2]
     assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [32]
+
+
+def test_apply_vocab_mask_takes_the_sampler_keyword_call():
+    """SGLang's `GrammarMask.apply` calls `grammar.apply_vocab_mask(logits=..., vocab_mask=...)`
+    on the grammar object: the hook then sees the grammar positionally, the tensors by name."""
+    logits = torch.zeros(1, 40)
+    mask = torch.zeros(1, 2, dtype=torch.int32)
+    mask[0, 0] = 0b10  # token 1 allowed
+    grammar = object()
+    cpu_compat.apply_vocab_mask(lambda *a, **k: pytest.fail("CUDA path taken"), grammar,
+                                logits=logits, vocab_mask=mask)
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [1]

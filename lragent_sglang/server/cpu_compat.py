@@ -144,10 +144,13 @@ def disable_pinning() -> None:
 # --- (4) and (5): hooks through SGLang's HookRegistry (rows of `patches.cpu_patches`) ---
 
 
-def apply_vocab_mask(original: Callable, *args: Any) -> None:
-    logits, vocab_mask = args[-2], args[-1]
+def apply_vocab_mask(original: Callable, *args: Any, **kwargs: Any) -> None:
+    """SGLang's sampler calls `grammar.apply_vocab_mask(logits=..., vocab_mask=...)`, other
+    callers the backend's static `apply_vocab_mask(logits, vocab_mask)`: take both forms."""
+    named = [kwargs[k] for k in ("logits", "vocab_mask") if k in kwargs]
+    logits, vocab_mask = [a for a in args if isinstance(a, torch.Tensor)] + named
     if logits.device.type != "cpu":
-        return original(*args)
+        return original(*args, **kwargs)
     import xgrammar
 
     xgrammar.apply_token_bitmask_inplace(logits, vocab_mask.to(logits.device))
