@@ -91,20 +91,29 @@ def head_block(group: int) -> int:
 
 
 @triton.jit
-def _split_bounds(kv_indptr, b, split, num_splits, window, BLOCK_N: tl.constexpr,
+def _chunk_bounds(first, end, split, num_splits, BLOCK_N: tl.constexpr):
+    """Token range [lo, hi) of chunk `split` when [first, end) is cut into `num_splits`
+    chunks of a whole number of BLOCK_N tiles, and the number of non-empty chunks."""
+    chunk = tl.cdiv(tl.cdiv(end - first, num_splits), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+    n_active = tl.cdiv(end - first, tl.maximum(chunk, 1))
+    return lo, hi, n_active
+
+
+@triton.jit
+def _split_bounds(kv_indptr, b, split, num_splits, window, skip, BLOCK_N: tl.constexpr,
                   USE_WINDOW: tl.constexpr):
     """Start of request b's tokens in kv_indices, split `split`'s token range [lo, hi), and
     the number of non-empty splits. The splits cover only the keys the query (the last
-    token, at position kv_len - 1) sees: with a window, positions kv_len - 1 - window on."""
+    token, at position kv_len - 1) sees: with a window, positions kv_len - 1 - window on;
+    and never the first `skip` tokens (a cascade's shared prefix, read elsewhere; else 0)."""
     kv_start = tl.load(kv_indptr + b)
     kv_len = tl.load(kv_indptr + b + 1) - kv_start
-    first = 0
+    first = skip
     if USE_WINDOW:
-        first = tl.maximum(kv_len - 1 - window, 0)
-    chunk = tl.cdiv(tl.cdiv(kv_len - first, num_splits), BLOCK_N) * BLOCK_N
-    lo = first + split * chunk
-    hi = tl.minimum(lo + chunk, kv_len)
-    n_active = tl.cdiv(kv_len - first, tl.maximum(chunk, 1))
+        first = tl.maximum(kv_len - 1 - window, skip)
+    lo, hi, n_active = _chunk_bounds(first, kv_len, split, num_splits, BLOCK_N)
     return kv_start, lo, hi, n_active
 
 
@@ -119,11 +128,11 @@ def _decode_split_kernel(
     stride_mo_b, stride_mo_s, stride_mo_h,
     stride_ml_b, stride_ml_s, stride_ml_h,
     stride_me_b, stride_me_s,
-    window,
+    window, prefix_lens,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LR_ALIGN: tl.constexpr,
     HAS_LR: tl.constexpr, USE_CAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
     head_blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -135,7 +144,10 @@ def _decode_split_kernel(
     mask_h = in_group < GROUP
     heads = kv_head * GROUP + in_group
 
-    kv_start, lo, hi, n_active = _split_bounds(kv_indptr, b, split, num_splits, window,
+    skip = 0
+    if HAS_PREFIX:
+        skip = tl.load(prefix_lens + b)
+    kv_start, lo, hi, n_active = _split_bounds(kv_indptr, b, split, num_splits, window, skip,
                                                BLOCK_N, USE_WINDOW)
     if lo >= hi:
         return
@@ -208,21 +220,30 @@ def _decode_combine_kernel(
     stride_me_b, stride_me_s,
     stride_ob, stride_oh,
     stride_ba, stride_bh, stride_br,
-    window,
+    window, prefix_lens, num_prefix_chunks,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RANK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
-    HAS_LR: tl.constexpr, USE_WINDOW: tl.constexpr,
+    HAS_LR: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    PREFIX_BLOCK_N: tl.constexpr,
 ):
     # One program per (request, query head); all splits are loaded at once (a loop over
     # splits would chain their load latencies: with 64 splits that cost as much as stage 1).
+    # With a cascade prefix (HAS_PREFIX), slots num_splits.. hold the chunks of the request's
+    # shared prefix that the cascade's level 1 wrote (cascade.py); they merge like splits.
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     kv_head = head // GROUP
 
-    kv_start, lo, hi, n_active = _split_bounds(kv_indptr, b, 0, num_splits, window, BLOCK_N,
-                                               USE_WINDOW)
+    skip = 0
+    if HAS_PREFIX:
+        skip = tl.load(prefix_lens + b)
+    kv_start, lo, hi, n_active = _split_bounds(kv_indptr, b, 0, num_splits, window, skip,
+                                               BLOCK_N, USE_WINDOW)
     offs_s = tl.arange(0, MAX_SPLITS)
     mask_s = offs_s < n_active
+    if HAS_PREFIX:
+        _, _, n_prefix = _chunk_bounds(0, skip, 0, num_prefix_chunks, PREFIX_BLOCK_N)
+        mask_s = mask_s | ((offs_s >= num_splits) & (offs_s < num_splits + n_prefix))
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = head_dim_mask(HEAD_DIM, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -271,6 +292,9 @@ def flash_lora_decode(
     mid_lr: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     window: int | None = None,
+    prefix_lens: torch.Tensor | None = None,
+    num_prefix_chunks: int = 0,
+    prefix_block_n: int = 1,
 ) -> torch.Tensor:
     """Launch both stages; no allocation, no host sync (config: default_decode_config).
 
@@ -281,6 +305,11 @@ def flash_lora_decode(
     ``[batch]`` int32 (-1: none). Workspace: mid_o ``[batch, >= num_splits, H_q, D]`` fp32,
     mid_lse ``[batch, >= num_splits, H_q]`` fp32, mid_lr ``[batch, >= num_splits, H_q, R_pad]``
     fp32. The LR term is on when lr_buffer is given (then all LR arguments are needed).
+
+    Cascade level 2 (cascade.py): ``prefix_lens [batch]`` int32 tokens of each request that
+    the cascade's level 1 already covered (0: none), whose ``num_prefix_chunks`` partials
+    (chunks of ``prefix_block_n`` tiles) it left in workspace slots ``num_splits ..``; the
+    splits then cover the rest and the combine merges both (no window then).
     """
     batch, n_qo, head_dim = q.shape
     n_kv = k_buffer.shape[1]
@@ -306,6 +335,11 @@ def flash_lora_decode(
         lr_buffer, lr_indices, adapter_ids, mid_lr, b_weights = v_buffer, kv_indices, kv_indptr, mid_o, v_buffer
         lr_strides, ml_strides, b_strides = (0,), (0, 0, 0), (0, 0, 0)
 
+    has_prefix = prefix_lens is not None
+    if has_prefix and window >= 0:
+        raise ValueError("a cascade prefix cannot be combined with a sliding window")
+    prefix_lens = prefix_lens if has_prefix else kv_indptr
+
     _decode_split_kernel[(grid_heads, batch, num_splits)](
         q, k_buffer, v_buffer, lr_buffer,
         kv_indptr, kv_indices, lr_indices, adapter_ids,
@@ -317,11 +351,12 @@ def flash_lora_decode(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         *ml_strides,
         mid_lse.stride(0), mid_lse.stride(1),
-        window,
+        window, prefix_lens,
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim),
         RANK=rank, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
         LR_ALIGN=lr_row_alignment(lr_buffer) if has_lr else 1,
         HAS_LR=has_lr, USE_CAP=logit_cap > 0, USE_WINDOW=window >= 0, DOT_PREC=prec,
+        HAS_PREFIX=has_prefix,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     _decode_combine_kernel[(batch, n_qo)](
@@ -332,10 +367,12 @@ def flash_lora_decode(
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         *b_strides,
-        window,
+        window, prefix_lens, num_prefix_chunks,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), RANK=rank,
-        BLOCK_R=block_r, BLOCK_N=cfg.block_n, MAX_SPLITS=triton.next_power_of_2(num_splits),
-        HAS_LR=has_lr, USE_WINDOW=window >= 0,
+        BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+        MAX_SPLITS=triton.next_power_of_2(num_splits + num_prefix_chunks),
+        HAS_LR=has_lr, USE_WINDOW=window >= 0, HAS_PREFIX=has_prefix,
+        PREFIX_BLOCK_N=prefix_block_n,
         num_warps=4 if q.device.type == "cuda" else 1,
     )
     return out

@@ -27,6 +27,13 @@ import math
 import torch
 import triton
 
+from .cascade import (
+    find_cascade_groups,
+    flash_lora_cascade_decode,
+    member_blocks,
+    members_per_block,
+    prefix_rows_block,
+)
 from .common import padded_rank, window_or_none
 from .decode import DecodeConfig, default_decode_config, flash_lora_decode, head_block
 from .extend import ExtendConfig, flash_lora_extend
@@ -110,18 +117,23 @@ class FlashLoRADecodeWrapper:
             raise ValueError(f"batch {batch} exceeds the workspace ({self._rows} rows)")
         splits = num_kv_splits or self.choose_num_kv_splits(batch, max_kv_len)
         splits = max(1, min(splits, self._rows // batch))
-        h, d = self.num_qo_heads, self.head_dim
-        self._mid_o_view = self._mid_o[: batch * splits * h * d].view(batch, splits, h, d)
-        self._mid_lr_view = self._mid_lr[: batch * splits * h * self._r_pad].view(
-            batch, splits, h, self._r_pad)
-        self._mid_lse_view = self._mid_lse[: batch * splits * h].view(batch, splits, h)
+        self._view_workspace(batch, splits)
         self.batch, self.num_kv_splits, self.max_kv_len = batch, splits, max_kv_len
         self.kv_indptr, self.kv_indices = kv_indptr, kv_indices
         self.lr_indices, self.adapter_ids = lr_indices, adapter_ids
-        self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+        self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.logit_cap = logit_cap
         self._planned = True
         logger.debug("decode plan: batch=%d splits=%d lr=%s", batch, splits, lr_indices is not None)
+
+    def _view_workspace(self, batch: int, slots: int) -> None:
+        """The workspace as ``[batch, slots, H_q, ...]`` partials (slots: splits and, in a
+        cascade, prefix chunks)."""
+        h, d = self.num_qo_heads, self.head_dim
+        self._mid_o_view = self._mid_o[: batch * slots * h * d].view(batch, slots, h, d)
+        self._mid_lr_view = self._mid_lr[: batch * slots * h * self._r_pad].view(
+            batch, slots, h, self._r_pad)
+        self._mid_lse_view = self._mid_lse[: batch * slots * h].view(batch, slots, h)
 
     def splits_and_tiles(self, window: int | None,
                          dtype: torch.dtype = torch.bfloat16) -> tuple[int, DecodeConfig]:
@@ -152,26 +164,157 @@ class FlashLoRADecodeWrapper:
         ``window``: this layer's sliding window (None or -1: none); ``sm_scale`` /
         ``logit_cap``: this layer's, if not the plan's.
         """
-        if not self._planned:
-            raise RuntimeError("call plan() before run()")
-        has_lr = _lr_args(self.adapter_ids is not None, lr_buffer, b_weights)
-        if has_lr and padded_rank(lr_buffer.shape[1]) > self._r_pad:
-            raise ValueError(f"LR rank {lr_buffer.shape[1]} exceeds max_lr_rank of this wrapper")
+        mid_lr = self._lr_workspace(lr_buffer, b_weights)
         if out is None:
             out = torch.empty_like(q)
-        mid_lr = None
-        if has_lr:
-            r_pad = padded_rank(lr_buffer.shape[1])
-            mid_lr = self._mid_lr_view[..., :r_pad]
         splits, config = self.splits_and_tiles(window, q.dtype)
         return flash_lora_decode(
             q, k_buffer, v_buffer, out, self.kv_indptr, self.kv_indices,
             self._mid_o_view, self._mid_lse_view, splits,
             self.sm_scale if sm_scale is None else sm_scale,
             self.logit_cap if logit_cap is None else logit_cap,
-            lr_buffer=lr_buffer if has_lr else None, lr_indices=self.lr_indices,
+            lr_buffer=lr_buffer if mid_lr is not None else None, lr_indices=self.lr_indices,
             b_weights=b_weights, adapter_ids=self.adapter_ids, mid_lr=mid_lr,
             config=config, window=window,
+        )
+
+    def _lr_workspace(self, lr_buffer: torch.Tensor | None,
+                      b_weights: torch.Tensor | None) -> torch.Tensor | None:
+        """Check a run's LR arguments against the plan; the LR partials' workspace view, or
+        None when the LR term is off."""
+        if not self._planned:
+            raise RuntimeError("call plan() before run()")
+        if not _lr_args(self.adapter_ids is not None, lr_buffer, b_weights):
+            return None
+        r_pad = padded_rank(lr_buffer.shape[1])
+        if r_pad > self._r_pad:
+            raise ValueError(f"LR rank {lr_buffer.shape[1]} exceeds max_lr_rank of this wrapper")
+        return self._mid_lr_view[..., :r_pad]
+
+
+class FlashLoRACascadeDecodeWrapper(FlashLoRADecodeWrapper):
+    """Cascade decode (cascade.py): groups of ``min_group_size`` or more requests whose KV
+    index lists share a prefix of at least ``min_shared_len`` tokens read it once per step
+    (level 1), each request its own suffix (level 2), merged exactly by their LSE.
+
+    ``plan`` also finds the groups on the device (``find_cascade_groups``: no host sync)
+    into buffers allocated here for ``max_batch_size`` requests. Under CUDA graphs, plan at
+    capture as for the plain wrapper; before each replay refill the index buffers and call
+    ``find_groups`` on them, which rewrites the groups in place for the captured launches.
+    ``run`` is the plain decode (same workspace) when ``plan`` saw that no group can form
+    (fewer than ``min_group_size`` requests, more than ``max_batch_size``, ``max_kv_len``
+    at most ``min_shared_len``) and for a layer with a sliding window.
+
+    ``lr_shared``: the LR rows of a shared prefix are shared too (base-lr-shared's one LR
+    cache): level 1 reads L once per member block, and the group finder ends a group's
+    prefix where the members' LR slots differ. False (base-shared: an LR cache per
+    adapter): level 1 reads each member's own L rows.
+    """
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
+                 min_shared_len: int = 256, min_group_size: int = 2, lr_shared: bool = True,
+                 max_batch_size: int = 256, workspace_rows: int = 2048,
+                 prefix_config: DecodeConfig | None = None, **kwargs) -> None:
+        super().__init__(num_qo_heads, num_kv_heads, head_dim, max_batch_size=max_batch_size,
+                         workspace_rows=workspace_rows, **kwargs)
+        if min_group_size < 2 or min_shared_len < 1:
+            raise ValueError("a group needs >= 2 requests sharing >= 1 token")
+        self.min_shared_len, self.min_group_size = min_shared_len, min_group_size
+        self.lr_shared = lr_shared
+        self.prefix_config = prefix_config
+        group = num_qo_heads // num_kv_heads
+        self.members_per_block = members_per_block(group, lr_per_member=not lr_shared)
+        self._block_m = prefix_rows_block(group, self.members_per_block)
+        self._max_bs = max_batch_size
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self._prefix_lens = torch.zeros(max_batch_size, **i32)
+        self._block_members = torch.full(
+            (member_blocks(max_batch_size, self.members_per_block), self.members_per_block), -1, **i32)
+        self.cascade = False
+
+    def choose_num_prefix_chunks(self, batch: int, num_kv_splits: int,
+                                 max_kv_len: int | None = None) -> int:
+        """Level-1 chunks per group: enough programs to fill the GPU if the whole batch is
+        one group, chunks of at least ``min_split_len`` tokens and 8 per level-1 row (each
+        chunk writes a partial per row to the workspace), and with level 2's
+        ``num_kv_splits`` at most ``max_kv_splits`` slots (the combine loads all at once)."""
+        blocks = triton.cdiv(batch, self.members_per_block)
+        chunks = triton.cdiv(self._target_programs, self.num_kv_heads * blocks)
+        if max_kv_len is not None:
+            chunks = min(chunks, triton.cdiv(max_kv_len, max(self.min_split_len, 8 * self._block_m)))
+        return max(1, min(chunks, self.max_kv_splits - num_kv_splits))
+
+    def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+             lr_indices: torch.Tensor | None = None, adapter_ids: torch.Tensor | None = None, *,
+             sm_scale: float | None = None, logit_cap: float = 0.0,
+             max_kv_len: int | None = None, num_kv_splits: int | None = None,
+             num_prefix_chunks: int | None = None, num_entries: int | None = None) -> None:
+        """The plain plan (level 2's splits), then, if a group can form, level 1's chunk
+        count and the groups (``find_groups``). ``num_prefix_chunks`` overrides the chunk
+        heuristic; ``num_entries`` (host int) is ``kv_indptr[-1]`` where kv_indices is a
+        larger persistent buffer (without it the group finder reads all of kv_indices)."""
+        super().plan(kv_indptr, kv_indices, lr_indices, adapter_ids, sm_scale=sm_scale,
+                     logit_cap=logit_cap, max_kv_len=max_kv_len, num_kv_splits=num_kv_splits)
+        batch, splits = self.batch, self.num_kv_splits
+        chunks = min(num_prefix_chunks or self.choose_num_prefix_chunks(batch, splits, max_kv_len),
+                     self._rows // batch - splits)
+        self.cascade = (self.min_group_size <= batch <= self._max_bs and chunks >= 1
+                        and (max_kv_len is None or max_kv_len > self.min_shared_len))
+        if not self.cascade:
+            return
+        self._view_workspace(batch, splits + chunks)
+        self.num_prefix_chunks = chunks
+        self.prefix_lens, self.block_members = self._groups(batch)
+        self.find_groups(kv_indptr, kv_indices, lr_indices, num_entries=num_entries,
+                         max_kv_len=max_kv_len)
+        logger.debug("cascade plan: batch=%d splits=%d prefix chunks=%d", batch, splits, chunks)
+
+    def find_groups(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                    lr_indices: torch.Tensor | None = None, *, num_entries: int | None = None,
+                    max_kv_len: int | None = None) -> None:
+        """Write the groups of the batch these index buffers describe into this wrapper's
+        group buffers (device ops, no host sync; run it outside a CUDA graph, before the
+        replay). ``max_kv_len`` (host int, optional): at most ``min_shared_len`` means no
+        group can form, and the groups are only cleared."""
+        batch = kv_indptr.numel() - 1
+        if batch > self._max_bs:
+            return
+        prefix_lens, block_members = self._groups(batch)
+        if max_kv_len is not None and max_kv_len <= self.min_shared_len:
+            prefix_lens.zero_()
+            block_members.fill_(-1)
+            return
+        find_cascade_groups(kv_indptr, kv_indices, prefix_lens, block_members,
+                            min_shared_len=self.min_shared_len,
+                            min_group_size=self.min_group_size,
+                            lr_indices=lr_indices if self.lr_shared else None,
+                            num_entries=num_entries)
+
+    def _groups(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch size's views of the group buffers (the same at every plan and refill)."""
+        blocks = member_blocks(batch, self.members_per_block)
+        return self._prefix_lens[:batch], self._block_members[:blocks]
+
+    def run(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+            lr_buffer: torch.Tensor | None = None, b_weights: torch.Tensor | None = None, *,
+            out: torch.Tensor | None = None, window: int | None = None,
+            sm_scale: float | None = None, logit_cap: float | None = None) -> torch.Tensor:
+        """As the plain wrapper's run (same arguments and shapes)."""
+        if not self.cascade or window_or_none(window) >= 0:
+            return super().run(q, k_buffer, v_buffer, lr_buffer, b_weights, out=out,
+                               window=window, sm_scale=sm_scale, logit_cap=logit_cap)
+        mid_lr = self._lr_workspace(lr_buffer, b_weights)
+        if out is None:
+            out = torch.empty_like(q)
+        splits, config = self.splits_and_tiles(None, q.dtype)
+        return flash_lora_cascade_decode(
+            q, k_buffer, v_buffer, out, self.kv_indptr, self.kv_indices, self.prefix_lens,
+            self.block_members, self._mid_o_view, self._mid_lse_view, splits,
+            self.num_prefix_chunks, self.sm_scale if sm_scale is None else sm_scale,
+            self.logit_cap if logit_cap is None else logit_cap,
+            lr_buffer=lr_buffer if mid_lr is not None else None, lr_indices=self.lr_indices,
+            b_weights=b_weights, adapter_ids=self.adapter_ids, mid_lr=mid_lr,
+            lr_per_member=not self.lr_shared, config=config, prefix_config=self.prefix_config,
         )
 
 
