@@ -45,15 +45,13 @@ from .common import (
 )
 from .decode import DecodeConfig, _chunk_bounds, flash_lora_decode
 
-#: rows (member x query head) a level-1 program may hold
-MAX_PREFIX_ROWS = 64
-
-
-def members_per_block(group: int, lr_per_member: bool) -> int:
-    """Requests per level-1 program: as many GQA groups as fit ``MAX_PREFIX_ROWS`` rows, at
-    most 16, or 8 when each member's L rows are multiplied separately (one ``tl.dot`` per
-    member and tile); at least 2."""
-    return max(2, min(8 if lr_per_member else 16, MAX_PREFIX_ROWS // group))
+def members_per_block(group: int, lr_per_member: bool, head_dim: int = 128) -> int:
+    """Requests per level-1 program (at least 2): as many GQA groups as fit 64 rows (member
+    x query head), at most 16; 16 rows and 8 members when each member's L tile is
+    multiplied on its own (one ``tl.dot`` per member and tile) or past head_dim 128. The
+    offline sm_90 compiles of kernels/NOTES.md item 8 spill beyond that (255 registers)."""
+    narrow = lr_per_member or head_dim_block(head_dim) > 128
+    return max(2, min(8 if narrow else 16, (16 if narrow else 64) // group))
 
 
 def member_blocks(batch: int, members: int) -> int:

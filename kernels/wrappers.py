@@ -223,7 +223,7 @@ class FlashLoRACascadeDecodeWrapper(FlashLoRADecodeWrapper):
         self.lr_shared = lr_shared
         self.prefix_config = prefix_config
         group = num_qo_heads // num_kv_heads
-        self.members_per_block = members_per_block(group, lr_per_member=not lr_shared)
+        self.members_per_block = members_per_block(group, not lr_shared, head_dim)
         self._block_m = prefix_rows_block(group, self.members_per_block)
         self._max_bs = max_batch_size
         i32 = dict(dtype=torch.int32, device=self.device)
