@@ -248,39 +248,41 @@ class FlashLoRACascadeDecodeWrapper(FlashLoRADecodeWrapper):
              lr_indices: torch.Tensor | None = None, adapter_ids: torch.Tensor | None = None, *,
              sm_scale: float | None = None, logit_cap: float = 0.0,
              max_kv_len: int | None = None, num_kv_splits: int | None = None,
-             num_prefix_chunks: int | None = None, num_entries: int | None = None) -> None:
+             num_prefix_chunks: int | None = None, num_entries: int | None = None,
+             may_group: bool = True) -> None:
         """The plain plan (level 2's splits), then, if a group can form, level 1's chunk
         count and the groups (``find_groups``). ``num_prefix_chunks`` overrides the chunk
         heuristic; ``num_entries`` (host int) is ``kv_indptr[-1]`` where kv_indices is a
-        larger persistent buffer (without it the group finder reads all of kv_indices)."""
+        larger persistent buffer (without it, kv_indices must hold exactly the batch's
+        entries); ``may_group=False`` (the caller knows no group can form, say from the
+        sequence lengths on the host) plans the plain decode."""
         super().plan(kv_indptr, kv_indices, lr_indices, adapter_ids, sm_scale=sm_scale,
                      logit_cap=logit_cap, max_kv_len=max_kv_len, num_kv_splits=num_kv_splits)
         batch, splits = self.batch, self.num_kv_splits
         chunks = min(num_prefix_chunks or self.choose_num_prefix_chunks(batch, splits, max_kv_len),
                      self._rows // batch - splits)
-        self.cascade = (self.min_group_size <= batch <= self._max_bs and chunks >= 1
+        self.cascade = (may_group and self.min_group_size <= batch <= self._max_bs and chunks >= 1
                         and (max_kv_len is None or max_kv_len > self.min_shared_len))
         if not self.cascade:
             return
         self._view_workspace(batch, splits + chunks)
         self.num_prefix_chunks = chunks
         self.prefix_lens, self.block_members = self._groups(batch)
-        self.find_groups(kv_indptr, kv_indices, lr_indices, num_entries=num_entries,
-                         max_kv_len=max_kv_len)
+        self.find_groups(kv_indptr, kv_indices, lr_indices, num_entries=num_entries)
         logger.debug("cascade plan: batch=%d splits=%d prefix chunks=%d", batch, splits, chunks)
 
     def find_groups(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                     lr_indices: torch.Tensor | None = None, *, num_entries: int | None = None,
-                    max_kv_len: int | None = None) -> None:
+                    may_group: bool = True) -> None:
         """Write the groups of the batch these index buffers describe into this wrapper's
         group buffers (device ops, no host sync; run it outside a CUDA graph, before the
-        replay). ``max_kv_len`` (host int, optional): at most ``min_shared_len`` means no
-        group can form, and the groups are only cleared."""
+        replay). ``may_group=False`` (no group can form, as far as the host knows) only
+        clears them: a captured level-1 launch then exits at once."""
         batch = kv_indptr.numel() - 1
         if batch > self._max_bs:
             return
         prefix_lens, block_members = self._groups(batch)
-        if max_kv_len is not None and max_kv_len <= self.min_shared_len:
+        if not may_group:
             prefix_lens.zero_()
             block_members.fill_(-1)
             return

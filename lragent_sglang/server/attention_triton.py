@@ -7,6 +7,14 @@ in CUDA graphs: `init_cuda_graph_state` allocates persistent index buffers
 size, and before each replay `init_forward_metadata_out_graph` refills them. Extend reads
 the new tokens' K / V_base densely, except in batches with an LR-prefill gap, whose rows
 take the pool's (first writer's) K / V_base, as on CPU.
+
+With `--lragent-cascade auto|on` the decode wrapper is the cascade one: requests sharing a
+prefix (role forks) read it once per step. Its groups are found on the device from the
+batch's KV indices (their equal leading slots are the tree's shared pages): in `plan` for
+an eager batch, and before each replay into the wrapper's fixed-size group buffers, which
+the captured level-1 launches read (a graph captures the cascade for batch sizes >= 2).
+Under `auto` a batch where the host sees fewer than two requests longer than the minimum
+shared length plans the plain decode (eager) or only clears the groups (replay).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 import torch
 from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
 
-from lragent_sglang.kernels import FlashLoRADecodeWrapper, FlashLoRAExtendWrapper
+from lragent_sglang.kernels import FlashLoRACascadeDecodeWrapper, FlashLoRADecodeWrapper, FlashLoRAExtendWrapper
 from lragent_sglang.server.attention import LRAgentAttnBackend
 from lragent_sglang.server.runtime import LRAgentRuntime
 
@@ -58,6 +66,25 @@ def layer_args(layer: Any) -> dict[str, Any]:
     return {"sm_scale": layer.scaling, "logit_cap": layer.logit_cap or 0.0, "window": layer.sliding_window_size}
 
 
+def decode_wrapper(rt: LRAgentRuntime, h_q: int, h_kv: int, head_dim: int,
+                   device: torch.device) -> FlashLoRADecodeWrapper:
+    """The plain decode wrapper, or with `--lragent-cascade auto|on` the cascade one: the
+    prefix's LR rows are shared by a group where the scheme has one LR cache."""
+    rank = max(rt.width, 1)
+    if rt.config.cascade == "off":
+        return FlashLoRADecodeWrapper(h_q, h_kv, head_dim, max_lr_rank=rank, device=device)
+    return FlashLoRACascadeDecodeWrapper(h_q, h_kv, head_dim, max_lr_rank=rank, device=device,
+                                         min_shared_len=rt.config.cascade_min_shared,
+                                         lr_shared=rt.scheme.one_lr_cache)
+
+
+def batch_may_group(fb: Any, mode: str, min_shared: int) -> bool:
+    """Whether a decode batch may hold a cascade group, from what the host knows (no device
+    sync): always under `on`; under `auto`, two requests longer than `min_shared` tokens."""
+    lens = fb.seq_lens_cpu
+    return mode == "on" or lens is None or int((lens > min_shared).sum()) >= 2
+
+
 @dataclass
 class DecodeGraphBuffers:
     """Persistent decode metadata for every captured batch size (int32 indices: the
@@ -94,8 +121,8 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
         h_q = cfg.num_attention_heads // tp
         h_kv = max(1, cfg.get_num_kv_heads(tp))
         self.max_context_len = self.req_to_token_pool.req_to_token.shape[1]
-        self.decode_wrapper = FlashLoRADecodeWrapper(h_q, h_kv, cfg.head_dim, max_lr_rank=max(rt.width, 1),
-                                                     device=runner.device)
+        self.cascade, self.min_shared = rt.config.cascade, rt.config.cascade_min_shared
+        self.decode_wrapper = decode_wrapper(rt, h_q, h_kv, cfg.head_dim, runner.device)
         self.extend_wrapper = FlashLoRAExtendWrapper(h_q, h_kv, cfg.head_dim, device=runner.device)
         # Extend batches with an LR-prefill gap: the KV slot of every new token.
         self.extend_loc: torch.Tensor | None = None
@@ -123,7 +150,11 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
         lr_out_loc, token_slot = torch.empty(2, bs, dtype=torch.int64, device=self.device)
         self._fill_decode(forward_batch, bs, indptr, kv_idx, lr_idx, adapter_ids, lr_out_loc, token_slot, padding=0)
         max_len = int(forward_batch.seq_lens_cpu.max()) if forward_batch.seq_lens_cpu is not None else None
-        self.decode_wrapper.plan(indptr, kv_idx, lr_idx, adapter_ids, max_kv_len=max_len)
+        if self.cascade == "off":
+            self.decode_wrapper.plan(indptr, kv_idx, lr_idx, adapter_ids, max_kv_len=max_len)
+        else:
+            self.decode_wrapper.plan(indptr, kv_idx, lr_idx, adapter_ids, max_kv_len=max_len,
+                                     may_group=batch_may_group(forward_batch, self.cascade, self.min_shared))
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
         """Decode under CUDA graphs: refill the persistent buffers (capture and replay);
@@ -134,7 +165,14 @@ class LRAgentTritonAttnBackend(LRAgentAttnBackend):
         self._fill_decode(forward_batch, bs, g.kv_indptr[: bs + 1], g.kv_indices, g.lr_indices, adapter_ids,
                           g.lr_out_loc[:bs], g.token_slot[:bs], padding=getattr(forward_batch, "num_padding", 0))
         if in_capture:
-            self.decode_wrapper.plan(g.kv_indptr[: bs + 1], g.kv_indices, g.lr_indices, adapter_ids)
+            self.decode_wrapper.plan(g.kv_indptr[: bs + 1], g.kv_indices, g.lr_indices, adapter_ids,
+                                     **({} if self.cascade == "off" else {"num_entries": forward_batch.seq_lens_sum}))
+        elif self.cascade != "off":
+            # The captured level-1 launches read the groups: refind them for this batch.
+            n = forward_batch.seq_lens_sum
+            self.decode_wrapper.find_groups(
+                g.kv_indptr[: bs + 1], g.kv_indices, g.lr_indices, num_entries=n,
+                may_group=n is not None and batch_may_group(forward_batch, self.cascade, self.min_shared))
 
     def _fill_decode(self, fb: Any, bs: int, indptr: torch.Tensor, kv_idx: torch.Tensor,
                      lr_idx: torch.Tensor | None, adapter_ids: torch.Tensor | None,

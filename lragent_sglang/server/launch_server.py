@@ -2,7 +2,7 @@
 
     python -m lragent_sglang.server.launch_server --model-path M --lora-paths plan=P ... \
         [--lragent-scheme base-lr-shared] [--lragent-lr-basis shared-a|joint] \
-        [--lragent-max-body-mb 8] \
+        [--lragent-max-body-mb 8] [--lragent-cascade off|auto|on] [--lragent-cascade-min-shared 256] \
         [any other SGLang server flag]
 
 Our flags become environment variables (see `config`) that SGLang's scheduler processes
@@ -24,11 +24,18 @@ from lragent_sglang.scheme import DEFAULT_LR_BASIS, DEFAULT_SCHEME, ConfigError,
 from lragent_sglang.server import cpu_compat
 from lragent_sglang.server.config import (
     BACKEND_NAME,
+    CASCADE_ENV,
+    CASCADE_MIN_SHARED_ENV,
+    CASCADE_MODES,
+    DEFAULT_CASCADE,
+    DEFAULT_CASCADE_MIN_SHARED,
     DEFAULT_MAX_BODY_MB,
     LR_BASIS_ENV,
     MAX_BODY_ENV,
     SCHEME_ENV,
     LRAgentConfig,
+    parse_cascade,
+    parse_cascade_min_shared,
     parse_max_body_mb,
 )
 
@@ -88,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP request bodies above this many MiB are refused with 413 before SGLang "
         "parses and tokenises them (default: %(default)s)",
     )
+    parser.add_argument(
+        "--lragent-cascade",
+        choices=CASCADE_MODES,
+        default=os.environ.get(CASCADE_ENV, DEFAULT_CASCADE),
+        help="base-sharing schemes: decoding requests that share a prefix of at least "
+        "--lragent-cascade-min-shared tokens (role forks over one trajectory) read it once per "
+        "step (cascade decode). auto: where at least two requests of a decode batch are that "
+        "long; on: every decode batch of two or more requests (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lragent-cascade-min-shared",
+        default=os.environ.get(CASCADE_MIN_SHARED_ENV, str(DEFAULT_CASCADE_MIN_SHARED)),
+        help="the fewest tokens a group of decoding requests must share for the cascade "
+        "(default: %(default)s)",
+    )
     return parser
 
 
@@ -96,7 +118,8 @@ def lragent_config(parser: argparse.ArgumentParser, ours: argparse.Namespace) ->
     SGLang's processes as variables."""
     try:
         config = LRAgentConfig(Scheme.parse(ours.lragent_scheme), LRBasis.parse(ours.lragent_lr_basis),
-                               parse_max_body_mb(ours.lragent_max_body_mb))
+                               parse_max_body_mb(ours.lragent_max_body_mb), parse_cascade(ours.lragent_cascade),
+                               parse_cascade_min_shared(ours.lragent_cascade_min_shared))
     except ConfigError as exc:
         parser.error(str(exc))
     os.environ.update(config.to_env())
