@@ -18,6 +18,14 @@ request uses adapter ``b % 3``.
 
     python3 scripts/bench_kernels.py --part decode --out results.json
 
+``--part cascade`` (issue 19): role forks decoding over one shared trajectory, ``--forks``
+cases of (forks, shared prefix, own suffix), 8 x 32k + 256 and 32 x 8k + 256 by default:
+our cascade decode (kernels/cascade.py) with the prefix's LR rows shared (base-lr-shared)
+and one copy per adapter (base-shared), LR on and off, against our plain decode (the
+current one), FlashInfer's two-level ``MultiLevelCascadeAttentionWrapper`` (LR off) and
+its plain batch decode (LR off); plus the per-step group search, and the bytes of K /
+V_base each reads.
+
 Prints the tables last and writes every number to JSON (``--out``, default $OUT/...).
 """
 
@@ -40,6 +48,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from lragent_sglang.kernels import (
     DecodeConfig,
+    FlashLoRACascadeDecodeWrapper,
     FlashLoRADecodeWrapper,
     FlashLoRAExtendWrapper,
 )
@@ -213,6 +222,131 @@ class ExtendBatch:
         return self.wrapper.run(self.q, self.k_ext, self.v_ext, self.pools.k, self.pools.v,
                                 self.lr_ext[rank], self.pools.lr[rank], self.pools.b[rank],
                                 out=self.out, window=self.shape.window)
+
+
+class ForkBatch:
+    """``forks`` requests over one trajectory of ``prefix`` tokens (the same KV slots in
+    every request's list, as the prefix tree hands them out) plus ``suffix`` tokens of
+    their own, over shuffled slots; fork b uses adapter ``b % 3``. LR slots: one copy of
+    the prefix's rows (base-lr-shared: ``lr_shared``) and one per adapter (base-shared:
+    ``lr_per_adapter``), then each fork's own rows."""
+
+    def __init__(self, shape: Shape, forks: int, prefix: int, suffix: int, ranks: list[int],
+                 device: str = "cuda", dtype: torch.dtype = DTYPE, min_shared: int = 256) -> None:
+        self.shape, self.forks, self.prefix, self.suffix = shape, forks, prefix, suffix
+        self.min_shared = min_shared
+        n_kv, d = shape.n_kv, shape.head_dim
+        dev = dict(device=device)
+        torch.manual_seed(0)
+        n_tok = prefix + forks * suffix
+        self.k = torch.randn(n_tok + 1, n_kv, d, dtype=dtype, **dev)  # slot 0: padding
+        self.v = torch.randn(n_tok + 1, n_kv, d, dtype=dtype, **dev)
+        slots = (torch.randperm(n_tok, **dev) + 1).to(torch.int32)
+        own = slots[prefix:].view(forks, suffix)
+        self.kv_indices = torch.cat([torch.cat([slots[:prefix], own[b]]) for b in range(forks)])
+        n_lr = prefix * N_ADAPTERS + forks * suffix
+        lr_slots = (torch.randperm(n_lr, **dev) + 1).to(torch.int32)
+        lr_prefix = lr_slots[: prefix * N_ADAPTERS].view(N_ADAPTERS, prefix)
+        lr_own = lr_slots[prefix * N_ADAPTERS:].view(forks, suffix)
+        self.lr_shared = torch.cat([torch.cat([lr_prefix[0], lr_own[b]]) for b in range(forks)])
+        self.lr_per_adapter = torch.cat([torch.cat([lr_prefix[b % N_ADAPTERS], lr_own[b]])
+                                         for b in range(forks)])
+        self.lr = {r: torch.randn(n_lr + 1, r, dtype=dtype, **dev) for r in ranks}
+        self.b = {r: (torch.randn(N_ADAPTERS, n_kv, r, d, **dev) * 0.3 / math.sqrt(r)).to(dtype)
+                  for r in ranks}
+        i32 = dict(dtype=torch.int32, **dev)
+        self.kv_indptr = torch.arange(forks + 1, **i32) * (prefix + suffix)
+        self.adapters = torch.arange(forks, **i32) % N_ADAPTERS
+        self.q = torch.randn(forks, shape.n_qo, d, dtype=dtype, **dev)
+        self.out = torch.empty_like(self.q)
+        if device == "cuda":
+            torch.cuda.synchronize()  # graph timing runs on a side stream (see Pools)
+
+    def planned(self, cascade: bool, lr_shared: bool = True) -> FlashLoRADecodeWrapper:
+        """Our plain decode wrapper, or the cascade one, planned for this batch."""
+        s, dev = self.shape, self.q.device
+        lr_idx = self.lr_shared if lr_shared else self.lr_per_adapter
+        if cascade:
+            w = FlashLoRACascadeDecodeWrapper(s.n_qo, s.n_kv, s.head_dim, lr_shared=lr_shared,
+                                              min_shared_len=self.min_shared,
+                                              max_batch_size=self.forks, device=dev)
+        else:
+            w = FlashLoRADecodeWrapper(s.n_qo, s.n_kv, s.head_dim, max_batch_size=self.forks,
+                                       device=dev)
+        w.plan(self.kv_indptr, self.kv_indices, lr_idx, self.adapters, logit_cap=s.logit_cap,
+               max_kv_len=self.prefix + self.suffix)
+        return w
+
+    def run(self, w: FlashLoRADecodeWrapper, rank: int | None = None) -> torch.Tensor:
+        """One layer, LR off (``rank`` None) or with the LR term of that rank."""
+        lr = (self.lr[rank], self.b[rank]) if rank is not None else (None, None)
+        return w.run(self.q, self.k, self.v, *lr, out=self.out, window=self.shape.window)
+
+
+def cascade_shape(shape: Shape, forks: int, prefix: int, suffix: int, ranks: list[int], fi,
+                  device: str = "cuda", dtype: torch.dtype = DTYPE, min_shared: int = 256) -> dict:
+    """Our cascade decode against our plain decode and FlashInfer's (see the docstring)."""
+    n_qo, n_kv, d = shape.n_qo, shape.n_kv, shape.head_dim
+    fb = ForkBatch(shape, forks, prefix, suffix, ranks, device, dtype, min_shared)
+    res: dict = dict(shape=shape.name, forks=forks, prefix=prefix, suffix=suffix)
+    token_bytes = n_kv * d * 2 * dtype.itemsize  # K and V_base of one token
+    res["bytes_plain"] = forks * (prefix + suffix) * token_bytes
+    res["bytes_cascade"] = (prefix + forks * suffix) * token_bytes
+
+    plain, shared, per_adapter = fb.planned(False), fb.planned(True), fb.planned(True, False)
+    res["groups"] = shared.prefix_lens.count_nonzero().item()
+    res["prefix_chunks"] = shared.num_prefix_chunks
+    # each cascade must agree with the plain decode over the same LR rows (the tests' float64
+    # reference is exact)
+    diffs = []
+    for cascade, reference in ((shared, plain), (per_adapter, fb.planned(False, False))):
+        ref = fb.run(reference, ranks[0]).float().clone()
+        diffs.append((fb.run(cascade, ranks[0]).float() - ref).abs().max().item() / ref.abs().max().item())
+    res["max_rel_diff"] = max(diffs)
+    res["group_search_ms"] = bench(lambda: shared.find_groups(fb.kv_indptr, fb.kv_indices,
+                                                              fb.lr_shared))
+    res["plain_lr_off"] = bench(lambda: fb.run(plain), graph=True)
+    res["cascade_lr_off"] = bench(lambda: fb.run(shared), graph=True)
+    for r in ranks:
+        res[f"plain_lr{r}"] = bench(lambda: fb.run(plain, r), graph=True)
+        res[f"cascade_lr{r}"] = bench(lambda: fb.run(shared, r), graph=True)
+        res[f"cascade_per_adapter_lr{r}"] = bench(lambda: fb.run(per_adapter, r), graph=True)
+    if fi is not None:
+        i32 = dict(dtype=torch.int32, device=device)
+        cache = (fb.k.unsqueeze(1), fb.v.unsqueeze(1))  # page size 1
+        scale = d ** -0.5
+        own = fb.kv_indices.view(forks, prefix + suffix)[:, prefix:].reshape(-1).contiguous()
+
+        def fi_cascade():
+            ws = torch.zeros(512 * 2**20, dtype=torch.uint8, device=device)
+            fw = fi.MultiLevelCascadeAttentionWrapper(2, ws, "NHD")
+            fw.plan([torch.tensor([0, forks], **i32), torch.arange(forks + 1, **i32)],
+                    [torch.tensor([0, prefix], **i32), torch.arange(forks + 1, **i32) * suffix],
+                    [fb.kv_indices[:prefix].contiguous(), own],
+                    [torch.ones(1, **i32), torch.ones(forks, **i32)],
+                    n_qo, n_kv, d, 1, sm_scale=scale, logits_soft_cap=shape.logit_cap or None,
+                    q_data_type=dtype, kv_data_type=dtype)
+            torch.cuda.synchronize()
+            return lambda: fw.run(fb.q, cache)
+
+        def fi_decode():
+            ws = torch.zeros(512 * 2**20, dtype=torch.uint8, device=device)
+            fw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+            fw.plan(fb.kv_indptr, fb.kv_indices, torch.ones(forks, **i32), n_qo, n_kv, d, 1,
+                    q_data_type=dtype, kv_data_type=dtype, sm_scale=scale,
+                    logits_soft_cap=shape.logit_cap or None)
+            torch.cuda.synchronize()
+            return lambda: fw.run(fb.q, cache)
+
+        for name, setup in (("flashinfer_cascade", fi_cascade), ("flashinfer_decode", fi_decode)):
+            try:
+                res[name] = try_bench(name, setup(), graph=True)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("%s plan failed: %s", name, exc)
+    del fb
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return res
 
 
 def load_sglang() -> dict[str, Callable]:
@@ -461,14 +595,42 @@ def extend_table(rows: list[dict], ranks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def cascade_table(rows: list[dict], ranks: list[int], copy_gbs: float) -> str:
+    lines = [f"Cascade decode (bf16): forks x (shared prefix + own suffix). {shape_legend(rows)} "
+             "Plain = our current decode; cascade = kernels/cascade.py with the prefix's LR rows "
+             "shared (base-lr-shared) or per adapter (base-shared); FlashInfer with LR off. "
+             "GB/s counts the K / V_base bytes the cascade must read (prefix once).",
+             "| shape | forks x (prefix + suffix) | R | plain ms | cascade ms (x faster) | GB/s "
+             "(% copy) | per-adapter LR ms | LR off: plain / cascade ms | FlashInfer cascade ms "
+             "(ours LR on / it) | FlashInfer decode ms | group search ms / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for r in ranks:
+            plain, casc = row[f"plain_lr{r}"], row[f"cascade_lr{r}"]
+            fic, fid = row.get("flashinfer_cascade"), row.get("flashinfer_decode")
+            gbs = row["bytes_cascade"] / casc / 1e6
+            lines.append(
+                f"| {row['shape']} | {row['forks']} x ({row['prefix'] // 1024}k + {row['suffix']}) | "
+                f"{r} | {plain:.4f} | {casc:.4f} ({plain / casc:.2f}) | {gbs:,.0f} "
+                f"({100 * gbs / copy_gbs:.0f}%) | {row[f'cascade_per_adapter_lr{r}']:.4f} | "
+                f"{row['plain_lr_off']:.4f} / {row['cascade_lr_off']:.4f} | "
+                f"{fmt(fic, '.4f')} ({fmt(fic and casc / fic, '.2f')}) | {fmt(fid, '.4f')} | "
+                f"{row['group_search_ms']:.3f} |")
+    lines.append("Targets (issue 19): cascade >= 3x faster than plain at 8 x 32k; cascade with "
+                 "LR on within 1.15x of FlashInfer's cascade.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", default="all", choices=(
-        "decode", "extend", "all", "sweep", "profile", "profile-extend"))
+        "decode", "extend", "all", "sweep", "profile", "profile-extend", "cascade"))
     ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 24, 64])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--forks", nargs="+", default=["8x32768+256", "32x8192+256"],
+                    help="--part cascade: FORKSxPREFIX+SUFFIX cases")
     ap.add_argument("--extend-len", type=int, default=1024)
     ap.add_argument("--max-extend-tokens", type=int, default=64 * 32768,
                     help="skip extend shapes with more cached+new tokens than this")
@@ -499,7 +661,7 @@ def main() -> None:
     fi = load_flashinfer() if args.part != "sweep" else None
     if fi is not None:
         meta["flashinfer"] = fi.__version__
-    result: dict = dict(meta=meta, decode=[], extend=[], sweep=[])
+    result: dict = dict(meta=meta, decode=[], extend=[], sweep=[], cascade=[])
     tables: list[str] = []
 
     def save() -> None:
@@ -532,6 +694,18 @@ def main() -> None:
                     logger.info("extend %s", result["extend"][-1])
                     save()
         tables.append(extend_table(result["extend"], args.ranks))
+    if args.part == "cascade":
+        for shape in shapes:
+            if shape.window is not None:  # windowed layers take the plain decode
+                continue
+            for case in args.forks:
+                forks, rest = case.split("x")
+                prefix, suffix = rest.split("+")
+                result["cascade"].append(cascade_shape(shape, int(forks), int(prefix), int(suffix),
+                                                       args.ranks, fi))
+                logger.info("cascade %s", result["cascade"][-1])
+                save()
+        tables.append(cascade_table(result["cascade"], args.ranks, copy_gbs))
     save()
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"flashinfer {meta.get('flashinfer', 'n/a')}")

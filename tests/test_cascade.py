@@ -430,3 +430,69 @@ def test_cascade_cuda_graph_replay() -> None:
         assert w.prefix_lens.count_nonzero() == grouped
         for window, result in ((None, out), (1023, out_win)):
             assert rel_err(result, reference(p, window=window)) < TOL[torch.bfloat16], window
+
+
+# ---------------------------------------------------------------- the benchmark's Python
+
+
+def test_the_cascade_benchmark_runs_with_stubbed_timers(monkeypatch) -> None:
+    """scripts/bench_kernels.py --part cascade without a GPU: its batches, plans, checks and
+    table, with the timer stubbed (each timed call runs once) and no FlashInfer."""
+    import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "bench", lambda fn, **kw: (fn(), 1.0)[1])
+    shape = bench_kernels.Shape("tiny", 4, 1, 32)
+    monkeypatch.setitem(bench_kernels.SHAPES, "tiny", shape)
+    row = bench_kernels.cascade_shape(shape, 3, 24, 2, [8], None, device=DEV, dtype=torch.float32,
+                                      min_shared=8)
+    assert row["groups"] == 3 and row["max_rel_diff"] < 1e-5
+    assert row["bytes_plain"] == 3 * 26 * 2 * 32 * 4 and row["bytes_cascade"] == 30 * 2 * 32 * 4
+    table = bench_kernels.cascade_table([row], [8], copy_gbs=1.0)
+    assert "| tiny | 3 x (0k + 2) | 8 | 1.0000 | 1.0000 (1.00) |" in table
+
+
+def test_the_fork_benchmark_measures_the_decode_phase(monkeypatch, tmp_path) -> None:
+    """scripts/bench_forks.py without a server: one server per cascade mode, a commit then
+    the forks per repetition, cache flushed before each, and the decode phase counted from
+    the last fork's first token."""
+    import json
+    from types import SimpleNamespace
+
+    import bench_forks
+
+    assert bench_forks.decode_phase([[(1.0, 1), (2.0, 3), (5.0, 9)], [(3.0, 1), (4.0, 5)]]) == {
+        "decode_tokens": 9 - 3 + 5 - 1, "decode_s": 2.0, "decode_tok_s": 5.0}
+    started, sent, flushed = [], [], []
+
+    class FakeServer:
+        def __init__(self, args, log_path=None) -> None:
+            started.append(args[args.index("--lragent-cascade") + 1])
+            assert args[args.index("--lragent-scheme") + 1] == "base-shared"
+            self.url = "http://fake"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+    clock = iter(range(10**6))
+
+    def fake_stream(url, ids, role, n_gen):
+        sent.append((len(ids), role, n_gen))
+        return [(next(clock), n) for n in range(1, n_gen + 1)]
+
+    monkeypatch.setattr(bench_forks, "ServerProcess", FakeServer)
+    monkeypatch.setattr(bench_forks, "stream_tokens", fake_stream)
+    monkeypatch.setattr(bench_forks.requests, "post",
+                        lambda url, **k: flushed.append(url) or SimpleNamespace(raise_for_status=lambda: None))
+    out = tmp_path / "forks.json"
+    assert bench_forks.main(["--model-path", "m", "--lora-paths", "plan=p", "action=a", "--context", "50",
+                             "--forks", "3", "--gen", "4", "--reps", "2", "--scheme", "base-shared",
+                             "--out", str(out)]) == 0
+    assert started == ["off", "on"] and len(flushed) == 4
+    own = 50 + bench_forks.OWN_TOKENS
+    assert sent[:2] == [(3, None, 2), (50, None, 1)]  # warm-up, commit
+    assert sorted(sent[2:5]) == [(own, "action", 4), (own, "plan", 4), (own, "plan", 4)]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"off", "on"} and runs["on"]["decode_tokens"] > 0
