@@ -8,6 +8,7 @@ the payloads the endpoint sends. The tool tests need no server.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import sglang as sgl
 import sglang.lang.backend.runtime_endpoint as runtime_endpoint
 
 from lragent_sglang.agents.frontend import (
+    LRAgentEndpoint,
     Runtime,
     _server_flags,
     adapter_of,
@@ -290,6 +292,24 @@ def test_fallback_tool_calls():
     assert failing.fallback and not failing.ok and failing.output.startswith("error: no document")
     words = run_tool(box, 1, "nonsense", "How far away is the Moon?", [])
     assert words.ok and words.fallback and "384,400" in words.output
+
+
+def _sse(*chunks: tuple[str, list[int]]) -> list[bytes]:
+    events = [f"data: {json.dumps({'text': t, 'meta_info': {'output_token_logprobs': lp}})}" for t, lp in chunks]
+    return [e.encode() for e in [*events, "", "data: [DONE]"]]
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_stream_chunks_are_new_text_and_per_chunk_logprobs(incremental):
+    """Whichever way the server streams, the frontend gets each chunk's new text and its
+    own logprobs (SGLang's interpreter merges those over text-less chunks)."""
+    if incremental:
+        lines = _sse(("He", [1]), ("llo", [2]), (" world", [3, 4]))
+    else:  # the whole output so far in every event
+        lines = _sse(("He", [1]), ("Hello", [1, 2]), ("Hello world", [1, 2, 3, 4]))
+    chunks = list(LRAgentEndpoint._chunks(iter(lines), incremental))
+    assert [(t, m["output_token_logprobs"]) for t, m in chunks] == [
+        ("He", [1]), ("llo", [2]), (" world", [3, 4])]
 
 
 def test_server_flags_follow_sgl_runtime_keywords():

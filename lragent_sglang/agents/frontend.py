@@ -16,8 +16,11 @@ parent state, so it carries the parent's adapter: none for an unbound shared tra
 With the base-lr-shared scheme a request without an adapter still writes the base KV and
 the shared LR rows, so every role's branch then hits the whole committed prefix; with
 base-shared the roles hit the base pages and re-prefill only their LR rows; with
-non-shared only requests without an adapter hit it. `cache_prefix` (SGLang's program
-prefix caching) has no state and goes without an adapter too.
+non-shared only requests without an adapter hit it.
+
+`LRAgentEndpoint(url, adapter="plan")` gives every state that binds no adapter that one,
+which runs programs written without adapters (SGLang's own test programs, say) on a role;
+`cache_prefix` (SGLang's program prefix caching, which has no state) carries it too.
 
 `Runtime` is the counterpart of `sgl.Runtime` for our launcher.
 """
@@ -25,16 +28,21 @@ prefix caching) has no state and goes without an adapter too.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import sglang.lang.backend.runtime_endpoint as runtime_endpoint
+from sglang.global_config import global_config
 from sglang.lang.api import assistant
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.interpreter import ProgramState, ProgramStateGroup, StreamExecutor
-from sglang.lang.ir import SglExpr
+from sglang.lang.ir import SglExpr, SglSamplingParams
 
 from lragent_sglang.agents.server_process import ServerProcess
 from lragent_sglang.scheme import DEFAULT_SCHEME, Scheme
@@ -50,8 +58,12 @@ def _executor(s: ProgramState | StreamExecutor) -> StreamExecutor:
 
 
 def adapter_of(s: ProgramState | StreamExecutor) -> str | None:
-    """The adapter this state's requests carry (None: the base model)."""
-    return _executor(s).variables.get(ADAPTER_VAR)
+    """The adapter this state's requests carry (None: the base model): the one bound to
+    the state, else its `LRAgentEndpoint`'s default."""
+    exe = _executor(s)
+    if ADAPTER_VAR in exe.variables:
+        return exe.variables[ADAPTER_VAR]
+    return exe.backend.adapter if isinstance(exe.backend, LRAgentEndpoint) else None
 
 
 def set_adapter(s: ProgramState, adapter: str | None) -> ProgramState:
@@ -114,7 +126,7 @@ def bind_roles(forks: ProgramStateGroup, roles: Sequence[str | None]) -> RoleFor
         raise ValueError(f"roles must be distinct, got {list(roles)}")
     if forks.src_state is not None:
         # A parent that has the variable keeps it on join (SGLang gathers only new names).
-        forks.src_state.stream_executor.variables.setdefault(ADAPTER_VAR, None)
+        forks.src_state.stream_executor.variables.setdefault(ADAPTER_VAR, adapter_of(forks.src_state))
     for state, role in zip(forks.states, roles):
         set_adapter(state, role)
     return RoleForks(forks, roles)
@@ -153,6 +165,23 @@ def join_roles(
     return values
 
 
+# Streamed meta_info lists that SGLang's interpreter treats as per-chunk (it merges them
+# over chunks that carry no text); a server without incremental streaming sends them whole.
+PER_CHUNK_META = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
+
+
+class ParallelEncodingUnsupported(RuntimeError):
+    """`forks.join("concate_and_append")` asked the server for a route it lacks."""
+
+
+PARALLEL_ENCODING_MESSAGE = (
+    "parallel encoding (forks.join(mode='concate_and_append')) joins the forks' KV caches "
+    "through the server route /concate_and_append_request, which the SGLang 0.5.17 server "
+    "does not have; set sglang.global_config.enable_parallel_encoding = False to join the "
+    "forks' text instead"
+)
+
+
 class LRAgentEndpoint(RuntimeEndpoint):
     """`RuntimeEndpoint` that sends each state's adapter as `lora_path`.
 
@@ -160,13 +189,110 @@ class LRAgentEndpoint(RuntimeEndpoint):
     the three requests of `select`, `commit_lazy_operations`, `fill_image`) passes its
     payload through `_add_images(s, data)`, so that one helper is where the adapter
     joins the payload. A string `lora_path` applies to every prompt of a batched payload.
+    `adapter` is the default of states that bind none.
     """
+
+    def __init__(self, base_url: str, api_key: str | None = None, verify: str | None = None,
+                 chat_template_name: str | None = None, adapter: str | None = None) -> None:
+        super().__init__(base_url, api_key, verify, chat_template_name)
+        self.adapter = adapter
+        self._lock = threading.Lock()
+        # dst rid -> fork rids still to end, of joins refused by `concatenate_and_append`
+        self._refused_joins: dict[str, set[str]] = {}
+
+    @property
+    def endpoint(self) -> "LRAgentEndpoint":
+        """Itself: code written for `sgl.Runtime` reads `backend.endpoint` (SGLang's own
+        `run_program` and test programs do), and `sgl.Runtime(...).endpoint` is the backend."""
+        return self
 
     def _add_images(self, s: StreamExecutor, data: dict[str, Any]) -> None:
         super()._add_images(s, data)
         adapter = adapter_of(s)
         if adapter is not None:
             data["lora_path"] = adapter
+
+    def cache_prefix(self, prefix_str: str) -> None:
+        """SGLang's program prefix caching, with the endpoint's default adapter (a state's
+        own binding is unknown here: the prefix comes from tracing, not from a state)."""
+        data: dict[str, Any] = {"text": prefix_str, "sampling_params": {"max_new_tokens": 0}}
+        if self.adapter is not None:
+            data["lora_path"] = self.adapter
+        self._assert_success(runtime_endpoint.http_request(
+            self.base_url + "/generate", json=data, api_key=self.api_key, verify=self.verify))
+
+    @cached_property
+    def incremental_streaming(self) -> bool:
+        """Whether the server streams deltas (`--incremental-streaming-output`)."""
+        return bool(self.get_server_info().get("incremental_streaming_output", False))
+
+    def generate_stream(self, s: StreamExecutor, sampling_params: SglSamplingParams) -> Iterator[tuple[str, dict]]:
+        """SGLang's streaming `gen`, yielding each chunk's new text and per-chunk logprobs
+        whichever way the server streams. SGLang 0.5.17's own slices every chunk's text as
+        if it held the whole output so far, which drops text from a server that streams
+        deltas, and passes a non-incremental server's whole logprob lists on every chunk."""
+        self._handle_dtype_to_regex(sampling_params)
+        data: dict[str, Any] = {
+            "text": s.text_,
+            "sampling_params": {
+                "skip_special_tokens": global_config.skip_special_tokens_in_output,
+                "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out,
+                **sampling_params.to_srt_kwargs(),
+            },
+            "stream": True,
+        }
+        for item in ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"):
+            value = getattr(sampling_params, item, None)
+            if value is not None:
+                data[item] = value
+        self._add_images(s, data)
+        res = runtime_endpoint.http_request(self.base_url + "/generate", json=data, stream=True,
+                                            api_key=self.api_key, verify=self.verify)
+        self._assert_success(res)
+        yield from self._chunks(res.iter_lines(decode_unicode=False), self.incremental_streaming)
+
+    @staticmethod
+    def _chunks(lines: Iterator[bytes], incremental: bool) -> Iterator[tuple[str, dict]]:
+        """(new text, meta_info with per-chunk `PER_CHUNK_META`) of each server-sent event."""
+        text_pos, meta_pos = 0, dict.fromkeys(PER_CHUNK_META, 0)
+        for line in lines:
+            line = line.decode("utf-8")
+            if not line.startswith("data:"):
+                continue
+            if line == "data: [DONE]":
+                break
+            chunk = json.loads(line[5:])
+            text, meta = chunk["text"], chunk["meta_info"]
+            if not incremental:
+                text = text[text_pos:]
+                text_pos += len(text)
+                for key in PER_CHUNK_META:
+                    if isinstance(meta.get(key), list):
+                        whole = meta[key]
+                        meta[key], meta_pos[key] = whole[meta_pos[key]:], len(whole)
+            yield text, meta
+
+    def concatenate_and_append(self, src_rids: list[str], dst_rid: str) -> None:
+        """Refuse: the server has no route for it. Raised here, on the parent's worker
+        thread, the error would only stop that thread and leave the program waiting forever
+        for its next variable, so `end_program` raises it again on the caller's thread."""
+        with self._lock:
+            self._refused_joins[dst_rid] = set(src_rids)
+        raise ParallelEncodingUnsupported(PARALLEL_ENCODING_MESSAGE)
+
+    def end_program(self, s: StreamExecutor | list[StreamExecutor]) -> None:
+        """When the last fork of a refused join ends (inside `join`, on the program's
+        thread, after every fork's worker was told to stop), raise the refusal there."""
+        for exe in s if isinstance(s, list) else [s]:
+            with self._lock:
+                refused = [dst for dst, srcs in self._refused_joins.items() if exe.sid in srcs]
+                for dst in refused:
+                    self._refused_joins[dst].discard(exe.sid)
+                done = [dst for dst in refused if not self._refused_joins[dst]]
+                for dst in done:
+                    del self._refused_joins[dst]
+            if done:
+                raise ParallelEncodingUnsupported(PARALLEL_ENCODING_MESSAGE)
 
 
 def _server_flags(server_args: Mapping[str, Any]) -> list[str]:
