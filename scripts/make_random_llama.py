@@ -1,4 +1,5 @@
-"""Write a random-weight Llama checkpoint from a preset or a config.json.
+"""Write a random-weight Llama (or Qwen2: Llama with q/k/v biases) checkpoint from a preset
+or a config.json.
 
 The GPU machine cannot download weights; speed work needs real shapes, not real
 weights. Tensors are drawn on the GPU when there is one and written shard by shard
@@ -43,6 +44,16 @@ PRESETS = {
         "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
         "tie_word_embeddings": False,
     },
+    # Qwen2.5-7B-Instruct's shapes: GQA group 7 (28 q / 4 kv heads), q/k/v biases; 40k positions (the
+    # real 32k plus YaRN) so the paper trace at L = 8k (33.7k tokens) fits.
+    "qwen2.5-7b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
+        "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    },
 }
 LAYERS_PER_SHARD = 4
 
@@ -52,7 +63,11 @@ def layer_shapes(cfg: dict, layer: int) -> dict[str, tuple[int, ...]]:
     d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
     p = f"model.layers.{layer}"
-    return {
+    biases = {}
+    if cfg.get("model_type") == "qwen2" or cfg.get("attention_bias"):
+        biases = {f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
+                  f"{p}.self_attn.v_proj.bias": (kv,)}
+    return biases | {
         f"{p}.self_attn.q_proj.weight": (q, h),
         f"{p}.self_attn.k_proj.weight": (kv, h),
         f"{p}.self_attn.v_proj.weight": (kv, h),
@@ -65,10 +80,10 @@ def layer_shapes(cfg: dict, layer: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-def random_tensor(shape: tuple[int, ...], device: str, gen: torch.Generator) -> torch.Tensor:
-    """Norm weights near 1, matrices with 1/sqrt(fan_in) scale (activations stay finite)."""
+def random_tensor(name: str, shape: tuple[int, ...], device: str, gen: torch.Generator) -> torch.Tensor:
+    """Norm weights 1, biases 0, matrices with 1/sqrt(fan_in) scale (activations stay finite)."""
     if len(shape) == 1:
-        return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.zeros if name.endswith(".bias") else torch.ones)(shape, dtype=torch.bfloat16)
     w = torch.randn(shape, device=device, generator=gen, dtype=torch.float32)
     return (w / shape[-1] ** 0.5).to(torch.bfloat16).cpu()
 
@@ -93,7 +108,7 @@ def write_checkpoint(cfg: dict, out: Path, seed: int = 0) -> Path:
     weight_map: dict[str, str] = {}
     for idx, shard in enumerate(tqdm(shards, desc="writing shards")):
         name = f"model-{idx + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: random_tensor(s, device, gen) for k, s in shard.items()}, str(out / name),
+        save_file({k: random_tensor(k, s, device, gen) for k, s in shard.items()}, str(out / name),
                   metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     (out / "model.safetensors.index.json").write_text(

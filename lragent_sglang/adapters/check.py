@@ -39,7 +39,8 @@ class AdapterInfo:
     path: Path
     rank: int
     alpha: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...]  # fused names expanded (qkv_proj -> q_proj, k_proj, v_proj)
+    shapes: ModelShapes  # of the model it is checked against
 
 
 def _targets(raw: object) -> tuple[str, ...]:
@@ -87,7 +88,21 @@ def read_adapter(name: str, path: str | Path, model_path: str | Path) -> Adapter
         rank=int(cfg.get("r", 0)),
         alpha=float(cfg.get("lora_alpha", cfg.get("r", 1))),
         target_modules=modules,
+        shapes=shapes,
     )
+
+
+def changes_keys(info: AdapterInfo) -> bool:
+    """LoRA on k_proj, or a fused qkv_proj LoRA (Phi-3) whose B has non-zero K rows: the
+    adapter's keys would differ from the base model's."""
+    if "k_proj" not in info.target_modules:
+        return False
+    weights = adapter_tensors(info.path)
+    if lora_matrices(weights, "k_proj"):
+        return True
+    q = info.shapes.num_heads * info.shapes.head_dim
+    kv = info.shapes.num_kv_heads * info.shapes.head_dim
+    return any(b[q : q + kv].any() for _, b in lora_matrices(weights, "qkv_proj").values())
 
 
 def check_config(info: AdapterInfo) -> None:
@@ -154,18 +169,20 @@ def check_for_scheme(infos: list[AdapterInfo], scheme: Scheme, max_lora_rank: in
                      lr_basis: LRBasis = DEFAULT_LR_BASIS) -> None:
     """What the sharing scheme needs of the adapters; AdapterError naming the first offender.
 
-    Base-sharing schemes keep keys shared, so no adapter may change them (k_proj), and
-    base-lr-shared with the shared-a LR basis keeps one LR cache computed with one v_proj
-    A, so every adapter must have it (the joint basis serves any adapters).
+    Base-sharing schemes keep keys shared, so no adapter may change them (k_proj, or the
+    K rows of a fused qkv_proj), and base-lr-shared with the shared-a LR basis keeps one LR
+    cache computed with one v_proj A, so every adapter must have it (the joint basis serves
+    any adapters).
     """
     for info in infos:
         if max_lora_rank is not None and info.rank > max_lora_rank:
             raise AdapterError(
                 f"adapter {info.name!r} has rank {info.rank}, above --max-lora-rank {max_lora_rank}"
             )
-        if scheme.shares_base and "k_proj" in info.target_modules:
+        if scheme.shares_base and changes_keys(info):
             raise AdapterError(
-                f"adapter {info.name!r} puts LoRA on k_proj, which {scheme} cannot share "
+                f"adapter {info.name!r} puts LoRA on k_proj (or non-zero K rows of a fused qkv_proj), "
+                f"which {scheme} cannot share "
                 "(RoPE sits between its B and the attention scores); use --lragent-scheme "
                 f"{Scheme.NON_SHARED} or {Scheme.FULL_SHARED}, or an adapter without k_proj"
             )

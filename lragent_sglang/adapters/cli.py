@@ -57,7 +57,7 @@ def cmd_make(args: argparse.Namespace) -> int:
 
     paths = make_role_adapters(
         _model_path(args.model_path), args.out, tuple(args.roles), args.rank, args.alpha,
-        tuple(args.target_modules), args.shared_a, args.b_std, args.seed,
+        tuple(args.target_modules) if args.target_modules else None, args.shared_a, args.b_std, args.seed,
     )
     for role, path in paths.items():
         print(f"{role}={path}")
@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--roles", nargs="+", default=list(DEFAULT_ROLES))
     make.add_argument("--rank", type=int, default=8)
     make.add_argument("--alpha", type=float, default=16.0)
-    make.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGETS))
+    make.add_argument("--target-modules", nargs="+",
+                      help=f"(default: {' '.join(DEFAULT_TARGETS)}, or qkv_proj where the checkpoint fuses them)")
     make.add_argument("--shared-a", action="store_true", help="one v_proj A for all roles (base-lr-shared adapters)")
     make.add_argument("--b-std", type=float, default=0.05, help="standard deviation of B (default: %(default)s)")
     make.add_argument("--seed", type=int, default=0)

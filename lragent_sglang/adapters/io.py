@@ -24,9 +24,14 @@ class AdapterError(ValueError):
     """An adapter that cannot be served; the message names it and the problem."""
 
 
+#: model types whose checkpoints (and PEFT adapters) fuse q/k/v into `qkv_proj`
+FUSED_QKV_TYPES = frozenset({"phi3"})
+
+
 @dataclass(frozen=True)
 class ModelShapes:
-    """Linear-layer shapes of a decoder checkpoint, read from its config.json."""
+    """Linear-layer shapes of a decoder checkpoint, read from its config.json (the text
+    part of a multimodal one); every family served names these fields alike."""
 
     num_layers: int
     hidden_size: int
@@ -34,19 +39,26 @@ class ModelShapes:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    model_type: str = "llama"
 
     @classmethod
     def from_checkpoint(cls, model_path: str | Path) -> "ModelShapes":
         cfg = json.loads((Path(model_path) / "config.json").read_text())
+        cfg = cfg.get("text_config") or cfg
         heads = cfg["num_attention_heads"]
         return cls(
             num_layers=cfg["num_hidden_layers"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            model_type=cfg.get("model_type", "llama"),
         )
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.model_type in FUSED_QKV_TYPES
 
     def in_out(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of one projection; ValueError for unknown ones."""
@@ -60,9 +72,11 @@ class ModelShapes:
             "q_proj": (h, q),
             "k_proj": (h, kv),
             "v_proj": (h, kv),
+            "qkv_proj": (h, q + 2 * kv),
             "o_proj": (q, h),
             "gate_proj": (h, i),
             "up_proj": (h, i),
+            "gate_up_proj": (h, 2 * i),
             "down_proj": (i, h),
         }
         if module not in shapes:
@@ -131,5 +145,8 @@ def lora_matrices(weights: dict[str, torch.Tensor], module: str) -> dict[int, tu
 
 
 def v_proj_a(path: str | Path) -> dict[int, torch.Tensor]:
-    """Per layer, the v_proj A [r, hidden] of the adapter in folder `path`."""
-    return {layer: a for layer, (a, _) in lora_matrices(adapter_tensors(path), "v_proj").items()}
+    """Per layer, the v_proj A [r, hidden] of the adapter in folder `path`; for a fused
+    `qkv_proj` LoRA (Phi-3) that is the whole A, which q, k and v share."""
+    weights = adapter_tensors(path)
+    pairs = lora_matrices(weights, "v_proj") or lora_matrices(weights, "qkv_proj")
+    return {layer: a for layer, (a, _) in pairs.items()}

@@ -24,8 +24,11 @@ from lragent_sglang.adapters.io import DEFAULT_ROLES, DEFAULT_TARGETS, ModelShap
 
 logger = logging.getLogger(__name__)
 
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+
+
 def _module_prefix(module: str) -> str:
-    return "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return "self_attn" if module in _ATTENTION else "mlp"
 
 
 def make_role_adapters(
@@ -34,7 +37,7 @@ def make_role_adapters(
     roles: tuple[str, ...] = DEFAULT_ROLES,
     rank: int = 8,
     alpha: float = 16.0,
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS,
+    target_modules: tuple[str, ...] | None = None,
     shared_v_a: bool = False,
     b_std: float = 0.05,
     seed: int = 0,
@@ -42,17 +45,24 @@ def make_role_adapters(
     """Write one PEFT adapter per role under `out_dir/<role>` and return their paths.
 
     A is drawn like PEFT's kaiming-uniform init, B ~ N(0, b_std^2); each role has its own
-    seed. With `shared_v_a`, every role's v_proj `lora_A` equals the first role's.
+    seed. The targets default to q_proj and v_proj, or to the fused qkv_proj where the
+    checkpoint fuses them (Phi-3), whose B gets zero K rows (the keys stay the base
+    model's, so every scheme can share them). With `shared_v_a`, every role's v A (the
+    whole A of a fused qkv_proj) equals the first role's.
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if not roles or len(set(roles)) != len(roles):
         raise ValueError(f"roles must be distinct and non-empty, got {roles}")
-    if shared_v_a and "v_proj" not in target_modules:
-        raise ValueError("shared_v_a needs v_proj among the target modules")
     shapes = ModelShapes.from_checkpoint(model_path)
+    if target_modules is None:
+        target_modules = ("qkv_proj",) if shapes.fused_qkv else DEFAULT_TARGETS
+    v_module = "qkv_proj" if "qkv_proj" in target_modules else "v_proj"
+    if shared_v_a and v_module not in target_modules:
+        raise ValueError("shared_v_a needs v_proj (or the fused qkv_proj) among the target modules")
     for module in target_modules:
         shapes.in_out(module)
+    q_size, kv_size = shapes.in_out("q_proj")[1], shapes.in_out("k_proj")[1]
 
     shared_a: dict[int, torch.Tensor] = {}
     paths: dict[str, Path] = {}
@@ -65,7 +75,9 @@ def make_role_adapters(
                 bound = 1.0 / math.sqrt(fan_in)
                 a = (torch.rand(rank, fan_in, generator=gen) * 2 - 1) * bound
                 b = torch.randn(fan_out, rank, generator=gen) * b_std
-                if shared_v_a and module == "v_proj":
+                if module == "qkv_proj":
+                    b[q_size : q_size + kv_size] = 0
+                if shared_v_a and module == v_module:
                     a = shared_a.setdefault(layer, a)
                 key = f"base_model.model.model.layers.{layer}.{_module_prefix(module)}.{module}"
                 tensors[f"{key}.lora_A.weight"] = a.contiguous()

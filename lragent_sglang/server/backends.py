@@ -2,8 +2,8 @@
 
 | scheme | prefix cache | attention |
 | --- | --- | --- |
-| non-shared | SGLang's RadixCache, keyed by adapter (stock) | SGLang's (Triton on GPU, torch on CPU) |
-| full-shared | SGLang's RadixCache keyed by tokens only: V with the writer's delta is reused | SGLang's |
+| non-shared | SGLang's RadixCache, keyed by adapter (stock) | SGLang's Triton backend on GPU, ours (torch, no LR term) on CPU |
+| full-shared | SGLang's RadixCache keyed by tokens only: V with the writer's delta is reused | the same |
 | base-shared, base-lr-shared | `LRAgentRadixCache` (shared base pages + LR pages) | Flash-LoRA (`P V_base + (P L) B`): Triton kernels on GPU, torch on CPU |
 
 Base-sharing schemes without `--enable-lora` share everything there is (no adapters).
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lragent_sglang.server import cpu_compat
 from lragent_sglang.server.config import BACKEND_NAME
+from lragent_sglang.server.model_check import check_attention_layers
 from lragent_sglang.server.runtime import LRAgentRuntime
 
 if TYPE_CHECKING:
@@ -46,24 +47,28 @@ def create_tree_cache(rt: LRAgentRuntime, ctx: "TreeCacheBuildContext") -> "Base
 
 
 def create_attention_backend(rt: LRAgentRuntime, runner: Any) -> Any:
-    """Attention-backend factory (`register_attention_backend`)."""
+    """Attention-backend factory (`register_attention_backend`).
+
+    On CPU every scheme runs our torch backend (with the LR term only where there is an
+    LR cache): SGLang's torch-native backend drops the layer's logit soft-cap (Gemma-2).
+    Where ours runs, the model's attention layers are checked first (`model_check`).
+    """
     cpu = cpu_compat.wanted()
+    ours = cpu or rt.scheme.shares_base
+    if ours:
+        check_attention_layers(runner.model, runner.token_to_kv_pool, rt.scheme)
     if rt.scheme.shares_base:
         rt.attach_model_runner(runner)
-        if cpu:
-            from lragent_sglang.server.attention import LRAgentTorchAttnBackend
+    if cpu:
+        from lragent_sglang.server.attention import LRAgentTorchAttnBackend
 
-            logger.info("lragent attention: scheme=%s, Flash-LoRA math (torch, CPU)", rt.scheme)
-            return LRAgentTorchAttnBackend(runner, rt)
+        logger.info("lragent attention: scheme=%s, torch (CPU), LR term %s", rt.scheme, rt.enabled)
+        return LRAgentTorchAttnBackend(runner, rt)
+    if ours:
         from lragent_sglang.server.attention_triton import LRAgentTritonAttnBackend
 
         logger.info("lragent attention: scheme=%s, Flash-LoRA Triton kernels", rt.scheme)
         return LRAgentTritonAttnBackend(runner, rt)
-    if cpu:
-        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-
-        logger.info("lragent attention: scheme=%s, torch-native path (CPU)", rt.scheme)
-        return TorchNativeAttnBackend(runner)
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
     logger.info("lragent attention: scheme=%s, triton path", rt.scheme)

@@ -38,6 +38,7 @@ from lragent_sglang.server.config import (
     parse_cascade_min_shared,
     parse_max_body_mb,
 )
+from lragent_sglang.server.model_check import ModelError, check_model_config, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,17 @@ def lragent_config(parser: argparse.ArgumentParser, ours: argparse.Namespace) ->
     return config
 
 
+def check_model(parser: argparse.ArgumentParser, config: LRAgentConfig, server_args: object, cpu: bool) -> None:
+    """Refuse a model the server cannot serve exactly before SGLang loads it (one line)."""
+    cfg = read_config(server_args.model_path)
+    if cfg is None:
+        return
+    try:
+        check_model_config(cfg, config.scheme, server_args.context_length, gpu=not cpu)
+    except ModelError as exc:
+        parser.exit(2, f"lragent-serve: error: {exc}\n")
+
+
 def check_adapters(parser: argparse.ArgumentParser, config: LRAgentConfig, server_args: object) -> None:
     """Refuse adapters the server cannot serve before SGLang loads them (one-line error),
     and default `--max-lora-rank` to the adapters' largest rank."""
@@ -159,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cpu and config.scheme.shares_base and not _has_flag(argv, "--disable-prefill-cuda-graph"):
         argv.append("--disable-prefill-cuda-graph")  # Flash-LoRA runs decode graphs only
     server_args = prepare_server_args(argv)
+    check_model(parser, config, server_args, cpu)
     check_adapters(parser, config, server_args)
     logger.info("lragent scheme %s, lr basis %s, cpu=%s", config.scheme, config.lr_basis, cpu)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
-from lragent_sglang.server import allocation, cpu_compat, lora_split, metrics, request, runtime, stats
+from lragent_sglang.server import allocation, cpu_compat, lora_split, metrics, model_compat, request, runtime, stats
 from lragent_sglang.server import body_limit, guards, lora_usage
 from lragent_sglang.server.config import LRAgentConfig
 from lragent_sglang.server.runtime import LRAgentRuntime
@@ -74,6 +74,8 @@ def sglang_patches(rt: LRAgentRuntime) -> tuple[Patch, ...]:
               "take v_proj's LoRA out of SGLang's QKV LoRA into the Flash-LoRA weight stacks"),
         Patch("sglang.srt.lora.layers.QKVParallelLinearWithLoRA.forward", partial(lora_split.split_qkv_lora, rt),
               "around", shares_base, "write each token's LR row x A_v to the LR pool"),
+        Patch("sglang.srt.models.gemma2.Gemma2DecoderLayer.__init__", model_compat.gemma2_hidden_act, "before",
+              always, "load Gemma-2 configs that transformers 5 writes with hidden_activation only"),
         Patch(f"{_SCHEDULER}.get_internal_state", partial(stats.add_internal_state, rt), "after", always,
               "carry our statistics to /server_info and /lragent/stats"),
         Patch(f"{_RADIX}.match_prefix", stats.count_stock_match, "after", stock_cache,
