@@ -6,12 +6,19 @@ greedy requests (each prompt family read by one adapter only, so every scheme sh
 with non-shared up to bf16 kernel differences). Configurations: stock non-shared, the
 base-sharing schemes with decode CUDA graphs and without, and base-lr-shared with the joint
 LR basis over independently initialised adapters against non-shared with those adapters.
-Prefill CUDA graphs are off everywhere (our backend refuses them; it saves start-up time). Prints token agreement with
+Prefill CUDA graphs are off everywhere (our backend refuses them; it saves start-up time).
+After its greedy runs every server also gets an out-of-vocabulary request (which killed the
+server before the request guards), must answer it with 400 and keep serving. Prints token agreement with
 non-shared and with the eager run of the same scheme, and the largest difference of the
 chosen tokens' logprobs while the outputs agree (random weights give flat logits, so bf16
 noise alone can flip greedy near-ties; the logprobs show whether the numbers agree).
 
-    python3 scripts/device_scheme_check.py --tokenizer-from DIR --work DIR
+    python3 scripts/device_scheme_check.py --tokenizer-from DIR --work DIR [--family gemma2]
+
+`--family` takes one of scripts/make_tiny_model.py's tiny checkpoints (Gemma-2's head_dim
+256, soft-cap and windows, Qwen2's GQA group 7, Phi-3's head_dim 96 and fused qkv, ...)
+instead of the SmolLM2-shaped default, so the kernels' model-specific paths run inside
+the server too.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import requests
+
 from lragent_sglang.adapters.make import make_role_adapters
 from lragent_sglang.agents.server_process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_random_llama import PRESETS, copy_tokenizer, write_checkpoint  # noqa: E402
+from make_tiny_model import FAMILIES, write_tiny_model  # noqa: E402
 
 FLAGS = ["--sampling-backend", "pytorch", "--grammar-backend", "none", "--lora-backend", "triton",
          "--max-loras-per-batch", "4", "--max-lora-rank", "8", "--mem-fraction-static", "0.5",
@@ -66,6 +76,18 @@ def greedy(srv: ServerProcess, ids: list[int], role: str) -> Output:
     return out["output_ids"], [lp[0] for lp in out["meta_info"]["output_token_logprobs"]]
 
 
+def bad_request_probe(srv: ServerProcess, ids: list[int], expected: list[int]) -> dict[str, object]:
+    """An out-of-vocabulary id with an adapter: the answer's status, and whether the same
+    greedy request as before still gets the same tokens afterwards."""
+    bad = {"input_ids": [999999999], "lora_path": "plan", "sampling_params": {"max_new_tokens": 2}}
+    status = requests.post(srv.url + "/generate", json=bad, timeout=120).status_code
+    try:
+        serving = greedy(srv, ids, "plan")[0] == expected
+    except requests.RequestException:
+        serving = False
+    return {"status": status, "serving": serving}
+
+
 def agreement(outs: dict[str, list[Output]], ref: dict[str, list[Output]]) -> dict[str, float]:
     """Equal tokens, and the largest logprob gap over each output's agreeing prefix."""
     same = total = 0
@@ -88,15 +110,21 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/scheme-check/result.json"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="runs to make (default: all; comparisons need their reference runs)")
+    parser.add_argument("--family", default="smollm2", choices=["smollm2", *sorted(FAMILIES)],
+                        help="the model: SmolLM2 shapes (default) or a tiny checkpoint of another family")
     args = parser.parse_args()
-    model = write_checkpoint(dict(PRESETS["smollm2-135m"]), args.work / "model")
-    copy_tokenizer(args.tokenizer_from, model)
+    if args.family == "smollm2":
+        model = write_checkpoint(dict(PRESETS["smollm2-135m"]), args.work / "model")
+        copy_tokenizer(args.tokenizer_from, model)
+    else:
+        model = write_tiny_model(args.family, args.work / args.family, tokenizer_dir=args.tokenizer_from)
     lora = {}
     for name, shared in (("shared-a", True), ("independent", False)):
         adapters = make_role_adapters(model, args.work / f"adapters-{name}", shared_v_a=shared)
         lora[name] = ["--enable-lora", "--lora-paths", *[f"{r}={p}" for r, p in adapters.items()]]
     prompts = families()
     outputs: dict[str, dict[str, list[Output]]] = {}
+    probes: dict[str, dict[str, object]] = {}
     for label in args.configs:
         adapter_set, scheme, extra = CONFIGS[label]
         with ServerProcess(["--model-path", str(model), *lora[adapter_set], *FLAGS, *extra, "--lragent-scheme", scheme],
@@ -105,14 +133,16 @@ def main() -> int:
             with ThreadPoolExecutor(len(jobs)) as pool:  # one decode batch: mixed adapters, graph padding
                 results = list(pool.map(lambda job: greedy(srv, job[1], job[0]), jobs))
             outputs[label] = {role: [out for (r, _), out in zip(jobs, results) if r == role] for role in prompts}
+            probes[label] = bad_request_probe(srv, prompts["plan"][0], outputs[label]["plan"][0][0])
     report = {}
     for label, outs in outputs.items():
         refs = [r for r in (STOCK[CONFIGS[label][0]], f"{label} eager") if r in outputs and r != label]
         report[label] = {f"vs {ref}": agreement(outs, outputs[ref]) for ref in refs}
         print(f"{label:22s} " + "  ".join(f"{k}: {v['same']}/{v['total']} tokens, max |dlogp| {v['max_dlogp']:.4f}"
-                                          for k, v in report[label].items()))
+                                          for k, v in report[label].items())
+              + f"  out-of-vocabulary request: HTTP {probes[label]['status']}, still serving: {probes[label]['serving']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"agreement": report, "outputs": outputs}, indent=2))
+    args.out.write_text(json.dumps({"agreement": report, "probes": probes, "outputs": outputs}, indent=2))
     return 0
 
 
