@@ -103,9 +103,9 @@ def find_cascade_groups(kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
        tokens are kept; the rest get prefix 0 (the plain decode for them). A kept group's
        members, in batch order, fill member blocks of ``M`` requests.
 
-    One level of sharing per request: forks of two trajectories that also share, say, a
-    system prompt form two groups over their own trajectories (keyed past the prompt only
-    if ``min_shared_len`` is).
+    One level of sharing per request: the key is the slot at ``min_shared_len - 1``, so where
+    two trajectories share a system prompt longer than that, the forks of both form one
+    group over the prompt only, and each fork reads its trajectory in level 2.
     """
     batch = kv_indptr.numel() - 1
     n_blocks, per_block = block_members.shape
