@@ -46,7 +46,6 @@ class Forks:
     kv_indices: torch.Tensor
     lr_indices: torch.Tensor
     adapter_ids: torch.Tensor
-    order: list[int]  # batch position -> request in the order the groups were listed
 
     def lr_args(self) -> tuple[torch.Tensor, ...]:
         return self.lr_buffer, self.lr_indices, self.b_weights, self.adapter_ids
@@ -104,7 +103,6 @@ def make_forks(groups: list[tuple[int, list[tuple[int, int]]]], singles: list[tu
         kv_indices=flat(kv_lists, kv_perm),
         lr_indices=flat(lr_lists, lr_perm),
         adapter_ids=torch.tensor([adapters[i] for i in order], dtype=torch.int32, device=device),
-        order=order,
     )
 
 
@@ -142,10 +140,6 @@ def reference(p: Forks, *, lr: bool = True, cap: float = 0.0,
               window: int | None = None) -> torch.Tensor:
     return decode_reference(p.q, p.k_buffer, p.v_buffer, p.kv_indptr, p.kv_indices,
                             p.q.shape[2] ** -0.5, cap, *(p.lr_args() if lr else ()), window=window)
-
-
-def groups_of(w: FlashLoRACascadeDecodeWrapper) -> tuple[list[int], list[list[int]]]:
-    return w.prefix_lens.tolist(), w.block_members.tolist()
 
 
 # ---------------------------------------------------------------- the group finder

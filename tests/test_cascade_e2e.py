@@ -17,7 +17,7 @@ from lragent_sglang.agents.server_process import ServerProcess
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROLES = ["plan", "action", "reflect", None]
-NEW = 6
+NEW = 4
 
 
 @pytest.fixture(scope="module")
