@@ -1,5 +1,6 @@
-"""Role forks decoding together over one long shared trajectory on the real server: the
-decode phase's tokens/s with the cascade decode off and on (issue 19).
+"""Decode-phase tokens/s of role forks over one shared trajectory, cascade off and on.
+
+Issue 19: role forks decoding together over one long trajectory on the real server.
 
 One server per `--cascade` value (same scheme and flags). Each repetition commits a fresh
 random trajectory of `--context` tokens (one request without an adapter, as an SGLang
