@@ -70,7 +70,8 @@ def make_forks(groups: list[tuple[int, list[tuple[int, int]]]], singles: list[tu
         lr_prefix: dict[int, list[int]] = {}
         for suffix, adapter in members:
             key = adapter if lr_per_adapter else 0
-            lr_prefix.setdefault(key, take(lr_next, prefix))
+            if key not in lr_prefix:
+                lr_prefix[key] = take(lr_next, prefix)
             kv_lists.append(kv_prefix + take(kv_next, suffix))
             lr_lists.append(lr_prefix[key] + take(lr_next, suffix))
             adapters.append(adapter)
@@ -316,8 +317,7 @@ def test_groups_refilled_in_place_serve_a_planned_run_cpu() -> None:
            num_entries=refill(first))
     for p in (first, second):
         w.find_groups(indptr, kv_buf, lr_buf, num_entries=refill(p))
-        # the second batch's pools stand in for the first's (same slot ranges)
-        out = w.run(p.q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights)
+        out = w.run(p.q, p.k_buffer, p.v_buffer, p.lr_buffer, p.b_weights)  # each its own pools
         assert w.prefix_lens.count_nonzero() == (5 if p is first else 4)
         assert rel_err(out, reference(p)) < TOL[torch.float32]
 
@@ -385,9 +385,12 @@ def test_cascade_cuda_graph_replay() -> None:
     shape = dict(n_qo=32, n_kv=8, head_dim=128, rank=8, dtype=torch.bfloat16)
     first = make_forks(GPU_FORKS, GPU_SINGLES[:1], **shape, seed=1)  # 12 requests
     second = make_forks([(3000, [(5, 1), (40, 2), (1, 0)]), (700, [(9, 0), (300, -1)])],
-                        [(800, 2), (60, 1), (2000, 0), (12, -1), (5000, 2), (3, 0), (99, 1)],
+                        [(800, 2), (60, 1), (200, 0), (12, -1), (500, 2), (3, 0), (99, 1)],
                         **shape, seed=2)
-    for name in ("k_buffer", "v_buffer", "lr_buffer", "b_weights"):  # one set of pools
+    # one set of pools: the second batch's slots lie within the first's
+    assert second.kv_indices.max() < first.k_buffer.shape[0]
+    assert second.lr_indices.max() < first.lr_buffer.shape[0]
+    for name in ("k_buffer", "v_buffer", "lr_buffer", "b_weights"):
         setattr(second, name, getattr(first, name))
     cap = int(first.kv_indptr[-1]) + 1000
     i32 = dict(dtype=torch.int32, device="cuda")

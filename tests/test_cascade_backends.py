@@ -71,8 +71,9 @@ def fork_batch(runner: SimpleNamespace, rt: LRAgentRuntime) -> SimpleNamespace:
     requests = []
     for suffix, adapter in FORKS:
         key = adapter if rt.scheme is Scheme.BASE_SHARED else None
-        lr_prefix = lr_copies.setdefault(key, take(lr_slots, PREFIX))
-        requests.append((trajectory + take(slots, suffix), lr_prefix + take(lr_slots, suffix), adapter))
+        if key not in lr_copies:
+            lr_copies[key] = take(lr_slots, PREFIX)
+        requests.append((trajectory + take(slots, suffix), lr_copies[key] + take(lr_slots, suffix), adapter))
     requests.insert(1, (take(slots, SINGLE[0]), take(lr_slots, SINGLE[0]), SINGLE[1]))
     table, lr_table = runner.req_to_token_pool.req_to_token, rt.lr_pool.req_to_lr
     for row, (kv, lr, _) in enumerate(requests, start=1):
