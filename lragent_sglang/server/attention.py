@@ -111,10 +111,11 @@ class LRAgentTorchAttnBackend(LRAgentAttnBackend):
         rt.forward.lr_out_loc = rt.lr_pool.req_to_lr[token_rows, forward_batch.positions.to(torch.int64)]
 
     def _cascade_groups(self, fb: Any) -> list[tuple[list[int], int]]:
-        """This decode batch's cascade groups: (batch positions, shared prefix length)."""
+        """This decode batch's cascade groups: (batch positions, shared prefix length); as on
+        GPU, in the base-sharing schemes only."""
         mode, min_shared = self.rt.config.cascade, self.rt.config.cascade_min_shared
         lens = fb.seq_lens.tolist()
-        if mode == "off" or sum(n > min_shared for n in lens) < 2:
+        if mode == "off" or not self.rt.scheme.shares_base or sum(n > min_shared for n in lens) < 2:
             return []
         rows = fb.req_pool_indices.tolist()
         table = self.req_to_token_pool.req_to_token
