@@ -338,6 +338,21 @@ def test_base_shared_lr_keys_follow_adapter_content_not_name():
     assert names[keys["copy"]] == "plan+copy" and names[keys["plan-v2"]] == "plan"
 
 
+def test_start_up_adapters_get_content_keys_and_their_names(monkeypatch):
+    """`--lora-paths` adapters load while SGLang builds the model runner, before our attach
+    binds the runtime: they too are keyed by content, and the statistics name them."""
+    from sglang.srt import server_args
+
+    monkeypatch.setattr(server_args, "get_global_server_args", lambda: SimpleNamespace(
+        attention_backend="lragent", radix_cache_backend="lragent", enable_lora=True, max_lora_rank=R,
+        lora_paths=[]))
+    rt = LRAgentRuntime(LRAgentConfig(Scheme.BASE_SHARED))
+    load(rt, "uid-plan", fake_adapter(1))
+    assert rt.bound and rt.lr_key("uid-plan").startswith("adapter:")
+    assert rt.lr_key_names({"uid-plan": "plan", "uid-action": "action"}) == {
+        rt.lr_key("uid-plan"): "plan", "uid-action": "action"}
+
+
 def test_base_lr_shared_key_is_the_group_basis_and_none_before_a_group():
     """Rows written before any adapter founded the group (A = 0: zeros) must not be read
     by the group's adapters later; rows of one basis never serve another."""

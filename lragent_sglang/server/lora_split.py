@@ -200,15 +200,17 @@ def on_adapter_load(rt: "LRAgentRuntime", original: Callable[..., Any], manager:
     Without start-up adapters, the first adapter loaded under shared-a founds the group.
     A refused adapter is dropped from the manager again, so a later load may retry it.
     """
+    from sglang.srt.server_args import get_global_server_args
+
     result = original(manager, lora_ref, *args, **kwargs)
+    if not rt.bound:  # start-up adapters load while SGLang builds the model runner, before our attach
+        rt.bind(get_global_server_args())
     if not rt.enabled:
         return result
     adapter = manager.loras[lora_ref.lora_id]
     if not rt.scheme.one_lr_cache:
         rt.lr_keys[lora_ref.lora_id] = adapter_digest(adapter)
         return result
-    from sglang.srt.server_args import get_global_server_args
-
     name = lora_ref.lora_name
     a_by_layer = adapter_v_a(adapter)
     group = rt.group or start_up_group(get_global_server_args().lora_paths, rt.config.lr_basis)

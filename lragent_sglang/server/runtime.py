@@ -155,10 +155,12 @@ class LRAgentRuntime:
     def lr_key_names(self, adapter_names: dict[str, str]) -> dict[str, str]:
         """LR key -> how people know it: `shared-lr`, or the names of the adapters whose
         content it is (`plan`, `plan+plan-copy`); keys not listed keep their own name."""
-        out = {} if self.group is None else {f"{SHARED_LR_KEY}:{self.group.digest}": SHARED_LR_KEY}
-        for uid, key in self.lr_keys.items():
-            if uid in adapter_names:
-                out[key] = "+".join(filter(None, [out.get(key), adapter_names[uid]]))
+        if self.group is not None:
+            return {f"{SHARED_LR_KEY}:{self.group.digest}": SHARED_LR_KEY}
+        out: dict[str, str] = {}
+        for uid, name in adapter_names.items():
+            key = self.lr_keys.get(uid, uid)
+            out[key] = "+".join(filter(None, [out.get(key), name]))
         return out
 
 
