@@ -351,6 +351,9 @@ def test_start_up_adapters_get_content_keys_and_their_names(monkeypatch):
     assert rt.bound and rt.lr_key("uid-plan").startswith("adapter:")
     assert rt.lr_key_names({"uid-plan": "plan", "uid-action": "action"}) == {
         rt.lr_key("uid-plan"): "plan", "uid-action": "action"}
+    shared = LRAgentRuntime(LRAgentConfig(Scheme.BASE_LR_SHARED))
+    load(shared, "uid-plan", fake_adapter(1))  # no pool yet: attach founds the group from --lora-paths
+    assert shared.bound and shared.group is None
 
 
 def test_base_lr_shared_key_is_the_group_basis_and_none_before_a_group():

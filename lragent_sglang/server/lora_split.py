@@ -211,6 +211,8 @@ def on_adapter_load(rt: "LRAgentRuntime", original: Callable[..., Any], manager:
     if not rt.scheme.one_lr_cache:
         rt.lr_keys[lora_ref.lora_id] = adapter_digest(adapter)
         return result
+    if rt.weights is None:  # a start-up adapter: attach_model_runner builds the group from --lora-paths
+        return result
     name = lora_ref.lora_name
     a_by_layer = adapter_v_a(adapter)
     group = rt.group or start_up_group(get_global_server_args().lora_paths, rt.config.lr_basis)
