@@ -18,7 +18,8 @@ noise alone can flip greedy near-ties; the logprobs show whether the numbers agr
 `--family` takes one of scripts/make_tiny_model.py's tiny checkpoints (Gemma-2's head_dim
 256, soft-cap and windows, Qwen2's GQA group 7, Phi-3's head_dim 96 and fused qkv, ...)
 instead of the SmolLM2-shaped default, so the kernels' model-specific paths run inside
-the server too.
+the server too. `--dtype float32 --hf-reference` also compares every shared-A run with
+transformers + peft in float32 (eager attention): which run is right when runs disagree.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from lragent_sglang.agents.server_process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_random_llama import PRESETS, copy_tokenizer, write_checkpoint  # noqa: E402
-from make_tiny_model import FAMILIES, write_tiny_model  # noqa: E402
+from make_tiny_model import FAMILIES, hf_greedy_ids, write_tiny_model  # noqa: E402
 
 FLAGS = ["--sampling-backend", "pytorch", "--grammar-backend", "none", "--lora-backend", "triton",
          "--max-loras-per-batch", "4", "--max-lora-rank", "8", "--mem-fraction-static", "0.5",
@@ -67,9 +68,12 @@ def families(seed: int = 0) -> dict[str, list[list[int]]]:
     return out
 
 
+NEW_TOKENS = 24
+
+
 def greedy(srv: ServerProcess, ids: list[int], role: str) -> Output:
     payload = {"input_ids": ids, "return_logprob": True,
-               "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}}
+               "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}}
     if role != "none":
         payload["lora_path"] = role
     out = srv.generate(**payload)
@@ -101,7 +105,8 @@ def agreement(outs: dict[str, list[Output]], ref: dict[str, list[Output]]) -> di
                 gap = max(gap, abs(lx - ly))
                 if x != y:
                     break
-    return {"same": same, "total": total, "max_dlogp": gap}
+    has_logprobs = any(lps for outs in ref.values() for _, lps in outs)
+    return {"same": same, "total": total, "max_dlogp": gap if has_logprobs else None}
 
 
 def main() -> int:
@@ -113,22 +118,30 @@ def main() -> int:
                         help="runs to make (default: all; comparisons need their reference runs)")
     parser.add_argument("--family", default="smollm2", choices=["smollm2", *sorted(FAMILIES)],
                         help="the model: SmolLM2 shapes (default) or a tiny checkpoint of another family")
+    parser.add_argument("--dtype", default=None, help="the servers' --dtype (default: the checkpoint's)")
+    parser.add_argument("--hf-reference", action="store_true",
+                        help="also compare the shared-A runs with transformers + peft in float32")
     args = parser.parse_args()
+    flags = FLAGS + (["--dtype", args.dtype] if args.dtype else [])
     if args.family == "smollm2":
         model = write_checkpoint(dict(PRESETS["smollm2-135m"]), args.work / "model")
         copy_tokenizer(args.tokenizer_from, model)
     else:
         model = write_tiny_model(args.family, args.work / args.family, tokenizer_dir=args.tokenizer_from)
-    lora = {}
+    lora, adapter_dirs = {}, {}
     for name, shared in (("shared-a", True), ("independent", False)):
-        adapters = make_role_adapters(model, args.work / f"adapters-{name}", shared_v_a=shared)
-        lora[name] = ["--enable-lora", "--lora-paths", *[f"{r}={p}" for r, p in adapters.items()]]
+        adapter_dirs[name] = make_role_adapters(model, args.work / f"adapters-{name}", shared_v_a=shared)
+        lora[name] = ["--enable-lora", "--lora-paths", *[f"{r}={p}" for r, p in adapter_dirs[name].items()]]
     prompts = families()
+    hf = {}
+    if args.hf_reference:
+        hf = {role: [(ids, []) for ids in hf_greedy_ids(model, adapter_dirs["shared-a"].get(role), chain, NEW_TOKENS)]
+              for role, chain in prompts.items()}
     outputs: dict[str, dict[str, list[Output]]] = {}
     probes: dict[str, dict[str, object]] = {}
     for label in args.configs:
         adapter_set, scheme, extra = CONFIGS[label]
-        with ServerProcess(["--model-path", str(model), *lora[adapter_set], *FLAGS, *extra, "--lragent-scheme", scheme],
+        with ServerProcess(["--model-path", str(model), *lora[adapter_set], *flags, *extra, "--lragent-scheme", scheme],
                            log_path=args.work / f"{label.replace(' ', '-')}.log") as srv:
             jobs = [(role, ids) for role, chain in prompts.items() for ids in chain]
             with ThreadPoolExecutor(len(jobs)) as pool:  # one decode batch: mixed adapters, graph padding
@@ -139,7 +152,10 @@ def main() -> int:
     for label, outs in outputs.items():
         refs = [r for r in (STOCK[CONFIGS[label][0]], f"{label} eager") if r in outputs and r != label]
         report[label] = {f"vs {ref}": agreement(outs, outputs[ref]) for ref in refs}
-        print(f"{label:22s} " + "  ".join(f"{k}: {v['same']}/{v['total']} tokens, max |dlogp| {v['max_dlogp']:.4f}"
+        if hf and CONFIGS[label][0] == "shared-a":
+            report[label]["vs HF float32"] = agreement(outs, hf)
+        print(f"{label:22s} " + "  ".join(f"{k}: {v['same']}/{v['total']} tokens" + (
+                  "" if v["max_dlogp"] is None else f", max |dlogp| {v['max_dlogp']:.4f}")
                                           for k, v in report[label].items())
               + f"  out-of-vocabulary request: HTTP {probes[label]['status']}, still serving: {probes[label]['serving']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
