@@ -21,6 +21,13 @@ class TreeNode:
     segment for one adapter or sharing group; an ``lr_key`` present here is present on
     every ancestor too (LR coverage is contiguous from the root).
 
+    ``host`` holds the node's slots in a host-memory copy of the base (a hierarchical
+    cache's second tier) or is None. A node whose ``base`` was evicted while ``host`` is
+    set stays in the tree, host-only: its LR arrays stay where they are (on the device),
+    and it can be loaded back. Host-only nodes are never locked; their descendants are
+    host-only too. ``host_ref`` counts claims that keep ``host`` from eviction while a
+    load back reads it.
+
     ``namespace`` is set on the root's children only: the cache namespace (SGLang's
     `cache_salt`) their subtree belongs to, None for the common one. Namespaces never
     share a node, so requests of one salt never match another salt's (or no salt's) pages.
@@ -46,6 +53,8 @@ class TreeNode:
         "hit_count",
         "lr_hit_count",
         "namespace",
+        "host",
+        "host_ref",
     )
 
     def __init__(
@@ -68,11 +77,18 @@ class TreeNode:
         self.hit_count = 0
         self.lr_hit_count: dict[LRKey, int] = {}
         self.namespace: Hashable = None
+        self.host: torch.Tensor | None = None
+        self.host_ref = 0
 
     @property
     def evicted(self) -> bool:
         """True once the node's base was evicted; a stale handle must not be locked."""
         return self.base is None
+
+    @property
+    def backuped(self) -> bool:
+        """The base has a host-memory copy (``host``)."""
+        return self.host is not None
 
     def __len__(self) -> int:
         return len(self.key)

@@ -17,6 +17,11 @@ class MatchResult:
     re-prefill ("LR prefill") before a base-shared request of ``lr_key`` can use them.
     With ``lr_key=None`` (base model only) no LR is needed: ``lr_len`` is 0 and so is
     ``lr_gap``.
+
+    With a host tier, the ``host_len`` tokens after ``base_len`` are cached in host
+    memory only (``host_indices``, ending at ``last_node``); ``lr_len`` and the LR fields
+    count only the device part (the LR arrays of the host part are read when it is
+    loaded back).
     """
 
     base_indices: torch.Tensor
@@ -26,6 +31,9 @@ class MatchResult:
     lr_indices: torch.Tensor
     lr_len: int
     last_lr_node: TreeNode
+    host_len: int = 0
+    host_indices: torch.Tensor | None = None
+    last_node: TreeNode | None = None
 
     @property
     def lr_gap(self) -> int:
@@ -49,10 +57,12 @@ class InsertResult:
 
 @dataclasses.dataclass(slots=True)
 class EvictResult:
-    """Slots freed by an eviction, for the caller to return to its allocators."""
+    """Slots freed by an eviction, for the caller to return to its allocators:
+    device base slots, LR slots per key and host-tier slots."""
 
     base_indices: torch.Tensor
     lr_indices: dict[LRKey, torch.Tensor]
+    host_indices: torch.Tensor | None = None
 
     @property
     def num_base_tokens(self) -> int:

@@ -24,12 +24,12 @@ class LRKeyStats:
 class RadixStats:
     """Cumulative counters, bumped in match / insert / evict; current sizes live in the tree."""
 
-    __slots__ = ("per_key", "base_inserted_tokens", "base_evicted_tokens")
+    __slots__ = ("per_key", "base_inserted_tokens", "base_evicted_tokens", "host_written_tokens",
+                 "host_loaded_tokens", "host_evicted_tokens", "host_hit_tokens")
 
     def __init__(self) -> None:
         self.per_key: dict[LRKey, LRKeyStats] = {}
-        self.base_inserted_tokens = 0
-        self.base_evicted_tokens = 0
+        self.reset()
 
     def key(self, lr_key: LRKey) -> LRKeyStats:
         """The counters of ``lr_key``, created on first use."""
@@ -51,6 +51,10 @@ class RadixStats:
         self.per_key.clear()
         self.base_inserted_tokens = 0
         self.base_evicted_tokens = 0
+        self.host_written_tokens = 0  # base tokens copied to the host tier
+        self.host_loaded_tokens = 0  # base tokens loaded back from it
+        self.host_evicted_tokens = 0  # host-only tokens dropped from it
+        self.host_hit_tokens = 0  # tokens matched in host memory only
 
     def snapshot(
         self,
@@ -62,6 +66,7 @@ class RadixStats:
         base_protected: int,
         lr_evictable: dict[LRKey, int],
         lr_protected: dict[LRKey, int],
+        host_tokens: int = 0,
     ) -> dict[str, Any]:
         """Counters and current sizes as a JSON-ready dict; ``per_lr_key`` keys are ``str(lr_key)``."""
         keys = list(self.per_key)
@@ -95,6 +100,14 @@ class RadixStats:
                 "protected_tokens": sum(lr_protected.values()),
                 "inserted_tokens": sum(s.lr_inserted_tokens for s in self.per_key.values()),
                 "evicted_tokens": sum(s.lr_evicted_tokens for s in self.per_key.values()),
+            },
+            "host": {
+                "tokens": host_tokens,
+                "bytes": host_tokens * base_bytes_per_token,
+                "written_tokens": self.host_written_tokens,
+                "loaded_back_tokens": self.host_loaded_tokens,
+                "evicted_tokens": self.host_evicted_tokens,
+                "hit_tokens": self.host_hit_tokens,
             },
             "per_lr_key": per_key,
         }

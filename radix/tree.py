@@ -5,7 +5,13 @@ given as ``namespace``; the root's children of one namespace are apart from ever
 A node's ``base`` slots are shared by every adapter;
 its ``lr`` mapping holds each adapter's (or sharing group's) low-rank cache slots for
 the same tokens. Insertion is first-writer-wins for both components, eviction is
-leaf-first per component, and locks protect what in-flight requests use. Structure and
+leaf-first per component, and locks protect what in-flight requests use.
+
+A host tier (a hierarchical cache) is optional: a node's base may have a copy in host
+memory (``TreeNode.host``, slots of the caller's host pool). Evicting such a node's base
+keeps the node, host-only, with its LR arrays; a match reports the host-only part after
+the device part, ``restore`` loads it back, and ``evict_host`` drops host-only leaves.
+Device nodes form a subtree under the root; host-only nodes hang below it. Structure and
 vocabulary follow SGLang's ``RadixCache`` (``mem_cache/radix_cache.py``), without
 importing SGLang.
 """
@@ -18,7 +24,7 @@ import logging
 import sys
 from collections import defaultdict
 from array import array
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, TextIO
 
 import torch
@@ -71,7 +77,9 @@ class LRRadixTree:
         self.base_protected_size_ = 0
         self.lr_evictable_size_: dict[LRKey, int] = {}
         self.lr_protected_size_: dict[LRKey, int] = {}
-        self._base_leaves: set[TreeNode] = set()
+        self._base_leaves: set[TreeNode] = set()  # unlocked device nodes without device children
+        self._host_leaves: set[TreeNode] = set()  # host-only nodes without children
+        self.host_size_ = 0
         self._lr_leaves: dict[LRKey, set[TreeNode]] = {}
         self._clock = 0
         self.stats_.reset()
@@ -83,7 +91,8 @@ class LRRadixTree:
 
         Splits the node where the match ends inside a segment, as SGLang does, so the
         returned nodes end exactly at the matched lengths. ``record_stats=False`` is for
-        repeated lookups of the same request, which must not count twice.
+        repeated lookups of the same request, which must not count twice. Host-only
+        nodes after the device part are reported as ``host_len`` / ``host_indices``.
         """
         key = to_key(tokens)
         n = page_aligned_len(len(key), self.page_size)
@@ -98,6 +107,9 @@ class LRRadixTree:
         lr_node = node
         lr_len = 0
         pos = 0
+        base_node = node
+        base_len = 0
+        host_parts: list[torch.Tensor] = []
         while pos < n:
             child = node.children.get(self._lookup_key(node, key, pos, namespace))
             if child is None:
@@ -109,7 +121,13 @@ class LRRadixTree:
                 child = self._split_node(child, split_len)
                 end = pos + split_len
             child.last_access_time = now
-            base_parts.append(child.base)
+            if child.base is None:
+                host_parts.append(child.host)
+                lr_open = False
+            else:
+                base_parts.append(child.base)
+                base_node = child
+                base_len = end
             if lr_open:
                 lr = child.lr.get(lr_key)
                 if lr is None:
@@ -123,17 +141,22 @@ class LRRadixTree:
             pos = end
             if partial:
                 break
+        host_len = pos - base_len
         if record_stats:
-            gap = pos - lr_len if lr_key is not None else 0
-            self.stats_.record_match(lr_key, len(key), pos, lr_len, gap)
+            gap = base_len - lr_len if lr_key is not None else 0
+            self.stats_.record_match(lr_key, len(key), base_len, lr_len, gap)
+            self.stats_.host_hit_tokens += host_len
         return MatchResult(
             base_indices=torch.cat(base_parts) if base_parts else self._empty,
-            base_len=pos,
-            last_base_node=node,
+            base_len=base_len,
+            last_base_node=base_node,
             lr_key=lr_key,
             lr_indices=torch.cat(lr_parts) if lr_parts else self._empty,
             lr_len=lr_len,
             last_lr_node=lr_node,
+            host_len=host_len,
+            host_indices=self._join(host_parts),
+            last_node=node,
         )
 
     def insert_base(self, tokens: TokenIds, slots: torch.Tensor, *, namespace: Hashable = None) -> InsertResult:
@@ -141,6 +164,8 @@ class LRRadixTree:
 
         First writer wins: the already cached prefix keeps its slots and the caller's
         slots for it (``[:prefix_len]``) are not taken; only the new suffix is stored.
+        Host-only nodes on the path are the exception: they take the caller's slots for
+        their segment (the caller recomputed them) and are on the device again.
         """
         key = to_key(tokens)
         ps = self.page_size
@@ -163,6 +188,9 @@ class LRRadixTree:
                 end = pos + split_len
             child.last_access_time = now
             child.hit_count += 1
+            if child.base is None:
+                self._revive(child, slots[pos:end])
+                self.stats_.base_inserted_tokens += end - pos
             node = child
             pos = end
         prefix_len = pos
@@ -295,7 +323,7 @@ class LRRadixTree:
                 self.base_evictable_size_ += m
                 self.base_protected_size_ -= m
                 delta += m
-                if not node.children:
+                if not self._has_device_child(node):
                     self._base_leaves.add(node)
             node.lock_ref -= 1
             if lr_key is not None:
@@ -314,29 +342,43 @@ class LRRadixTree:
             node = node.parent
         return delta
 
-    def evict_base(self, num_tokens: int) -> EvictResult:
+    def evict_base(self, num_tokens: int,
+                   offload: Callable[[TreeNode], torch.Tensor | None] | None = None) -> EvictResult:
         """Evict at least ``num_tokens`` base tokens (whole nodes) if possible, leaf first.
 
-        Only unlocked leaves are candidates, in eviction-policy order (LRU default).
-        Evicting a node's base evicts all its LR arrays too; all freed slots are returned.
+        Only unlocked device leaves are candidates, in eviction-policy order (LRU default).
+        A node with a host copy (or one ``offload`` gives host slots for: it has copied
+        the node's base there) becomes host-only and keeps its LR arrays; any other node
+        is deleted with all its LR arrays and host-only descendants. All freed slots are
+        returned.
         """
         priority = self._base_priority
         heap = [(priority(x), x.id, x) for x in self._base_leaves]
         heapq.heapify(heap)
         root = self.root_node
         base_parts: list[torch.Tensor] = []
+        host_parts: list[torch.Tensor] = []
         lr_parts: dict[LRKey, list[torch.Tensor]] = defaultdict(list)
         evicted = 0
         while evicted < num_tokens and heap:
             _, _, x = heapq.heappop(heap)
+            if x.host is None and offload is not None:
+                host = offload(x)
+                if host is not None:
+                    self.set_host(x, host)
+            if x.host is None and not self._drop_subtree(x, lr_parts, host_parts):
+                continue
             base_parts.append(x.base)
             evicted += len(x.key)
             parent = x.parent
-            self._delete_leaf(x, lr_parts)
-            if parent is not root and not parent.children and parent.lock_ref == 0:
+            if x.host is None:
+                self._delete_leaf(x, lr_parts, host_parts)
+            else:
+                self._demote(x)
+            if parent is not root and parent.lock_ref == 0 and parent in self._base_leaves:
                 heapq.heappush(heap, (priority(parent), parent.id, parent))
         self.stats_.base_evicted_tokens += evicted
-        result = self._freed(base_parts, lr_parts)
+        result = self._freed(base_parts, lr_parts, host_parts)
         self._count_lr_evicted(result)
         logger.debug("evict_base: asked %d, freed %d base tokens", num_tokens, evicted)
         return result
@@ -373,6 +415,70 @@ class LRRadixTree:
         self._count_lr_evicted(result)
         logger.debug("evict_lr(lr_key=%r): asked %d, freed %d LR tokens", lr_key, num_tokens, evicted)
         return result
+
+    def set_host(self, node: TreeNode, host: torch.Tensor) -> None:
+        """Record that ``node``'s base was copied to host slots ``host`` (write-through or
+        write-back of a hierarchical cache)."""
+        if node.base is None or node.host is not None or len(host) != len(node.key):
+            raise ValueError(f"set_host: {node!r} needs a device base, no host copy and {len(node.key)} host slots")
+        node.host = host.to(dtype=torch.int64, copy=True)
+        self.host_size_ += len(node.key)
+        self.stats_.host_written_tokens += len(node.key)
+
+    def host_path(self, node: TreeNode) -> tuple[list[TreeNode], TreeNode]:
+        """The host-only nodes from the device part down to ``node`` (top first) and
+        the device node (or root) above them: what a load back of ``node`` reads."""
+        nodes: list[TreeNode] = []
+        while node.base is None and node is not self.root_node:
+            nodes.append(node)
+            node = node.parent
+        nodes.reverse()
+        return nodes, node
+
+    def protect_host(self, nodes: list[TreeNode], delta: int) -> None:
+        """Claim (``delta`` 1) or release (-1) the host copies a load back reads."""
+        for node in nodes:
+            node.host_ref += delta
+
+    def restore(self, nodes: list[TreeNode], slots: torch.Tensor) -> None:
+        """Put the base of host-only ``nodes`` (a ``host_path``) back on the device at
+        ``slots`` (one per token, in path order); they keep their host copies."""
+        if len(slots) != sum(len(x.key) for x in nodes):
+            raise ValueError("restore: one device slot per token of the nodes")
+        pos = 0
+        for x in nodes:
+            m = len(x.key)
+            self._revive(x, slots[pos : pos + m])
+            pos += m
+        self.stats_.host_loaded_tokens += pos
+
+    def evict_host(self, num_tokens: int) -> EvictResult:
+        """Drop at least ``num_tokens`` host-only tokens (whole leaves, with their LR
+        arrays) if possible, in eviction-policy order; copies being loaded stay."""
+        priority = self._base_priority
+        heap = [(priority(x), x.id, x) for x in self._host_leaves]
+        heapq.heapify(heap)
+        root = self.root_node
+        host_parts: list[torch.Tensor] = []
+        lr_parts: dict[LRKey, list[torch.Tensor]] = defaultdict(list)
+        evicted = 0
+        while evicted < num_tokens and heap:
+            _, _, x = heapq.heappop(heap)
+            if x.host_ref > 0:
+                continue
+            evicted += len(x.key)
+            parent = x.parent
+            self._delete_leaf(x, lr_parts, host_parts)
+            if parent is not root and parent in self._host_leaves:
+                heapq.heappush(heap, (priority(parent), parent.id, parent))
+        self.stats_.host_evicted_tokens += evicted
+        result = self._freed([], lr_parts, host_parts)
+        self._count_lr_evicted(result)
+        return result
+
+    def host_size(self) -> int:
+        """Tokens with a host copy (host-only or backed-up device nodes)."""
+        return self.host_size_
 
     def evict_to_budget(self, base_tokens: int | None = None, lr_tokens: int | None = None) -> EvictResult:
         """Evict until the tree holds at most ``lr_tokens`` LR and ``base_tokens`` base tokens.
@@ -417,12 +523,13 @@ class LRRadixTree:
         return self.lr_protected_size_.get(lr_key, 0)
 
     def total_size(self) -> int:
-        """Base tokens held, by a full traversal (independent of the counters)."""
+        """Base tokens held on the device, by a full traversal (independent of the counters)."""
         total = 0
         stack = [self.root_node]
         while stack:
             node = stack.pop()
-            total += len(node.key)
+            if node.base is not None:
+                total += len(node.key)
             stack.extend(node.children.values())
         return total
 
@@ -449,6 +556,7 @@ class LRRadixTree:
             base_protected=self.base_protected_size_,
             lr_evictable=self.lr_evictable_size_,
             lr_protected=self.lr_protected_size_,
+            host_tokens=self.host_size_,
         )
 
     def reset_stats(self) -> None:
@@ -475,6 +583,8 @@ class LRRadixTree:
         lr_ev: dict[LRKey, int] = defaultdict(int)
         lr_pr: dict[LRKey, int] = defaultdict(int)
         base_leaves: set[TreeNode] = set()
+        host_leaves: set[TreeNode] = set()
+        host_total = 0
         lr_leaves: dict[LRKey, set[TreeNode]] = defaultdict(set)
         stack = list(root.children.values())
         while stack:
@@ -483,7 +593,15 @@ class LRRadixTree:
             parent = node.parent
             _check(parent.children.get(self._link_key(node)) is node, f"bad child link {node!r}")
             _check(m > 0 and m % ps == 0, f"segment not page aligned {node!r}")
-            _check(node.base is not None and len(node.base) == m, f"base length {node!r}")
+            _check(node.base is None or len(node.base) == m, f"base length {node!r}")
+            _check(node.host is None or len(node.host) == m, f"host length {node!r}")
+            _check(node.base is not None or node.host is not None, f"neither device nor host {node!r}")
+            _check(node.base is None or parent is root or parent.base is not None, f"device under host-only {node!r}")
+            host_total += m if node.host is not None else 0
+            if node.base is None:
+                _check(node.lock_ref == 0 and not node.lr_lock_ref, f"locked host-only node {node!r}")
+                if not node.children:
+                    host_leaves.add(node)
             _check(set(node.lr) == set(node.lr_last_access_time) == set(node.lr_hit_count), f"lr metadata {node!r}")
             child_locks = sum(c.lock_ref for c in node.children.values())
             _check(node.lock_ref >= child_locks, f"lock_ref below children's {node!r}")
@@ -492,11 +610,13 @@ class LRRadixTree:
                 _check(count > 0, f"zero lr lock kept {node!r}")
                 child_lr = sum(c.lr_lock_ref.get(k, 0) for c in node.children.values())
                 _check(count >= child_lr, f"lr lock below children's {node!r} {k!r}")
-            if node.lock_ref:
+            if node.base is None:
+                pass
+            elif node.lock_ref:
                 base_pr += m
             else:
                 base_ev += m
-                if not node.children:
+                if not self._has_device_child(node):
                     base_leaves.add(node)
             for k, slots in node.lr.items():
                 _check(len(slots) == m, f"lr length {node!r} {k!r}")
@@ -510,6 +630,8 @@ class LRRadixTree:
             stack.extend(node.children.values())
         _check((base_ev, base_pr) == (self.base_evictable_size_, self.base_protected_size_), "base sizes")
         _check(base_leaves == self._base_leaves, "base evictable leaves")
+        _check(host_leaves == self._host_leaves, "host-only leaves")
+        _check(host_total == self.host_size_, "host size")
         for k in set(lr_ev) | set(lr_pr) | set(self.lr_evictable_size_):
             _check(lr_ev.get(k, 0) == self.lr_evictable_size_.get(k, 0), f"lr evictable size {k!r}")
             _check(lr_pr.get(k, 0) == self.lr_protected_size_.get(k, 0), f"lr protected size {k!r}")
@@ -542,9 +664,13 @@ class LRRadixTree:
         new_node = TreeNode(
             parent=parent,
             key=child.key[:split_len],
-            base=child.base[:split_len],
+            base=None if child.base is None else child.base[:split_len],
             access_time=child.last_access_time,
         )
+        if child.host is not None:
+            new_node.host = child.host[:split_len]
+            child.host = child.host[split_len:]
+        new_node.host_ref = child.host_ref
         new_node.namespace = child.namespace
         new_node.lr = {k: v[:split_len] for k, v in child.lr.items()}
         new_node.lock_ref = child.lock_ref
@@ -554,7 +680,8 @@ class LRRadixTree:
         new_node.lr_hit_count = dict(child.lr_hit_count)
         parent.children[link] = new_node
         child.key = child.key[split_len:]
-        child.base = child.base[split_len:]
+        if child.base is not None:
+            child.base = child.base[split_len:]
         child.lr = {k: v[split_len:] for k, v in child.lr.items()}
         child.parent = new_node
         new_node.children[child_key(child.key, 0, ps)] = child
@@ -592,13 +719,61 @@ class LRRadixTree:
         """``node`` holds an unlocked ``lr_key`` array with no ``lr_key`` below it."""
         return lr_key in node.lr and lr_key not in node.lr_lock_ref and self._is_lr_leaf(node, lr_key, None)
 
-    def _delete_leaf(self, node: TreeNode, lr_parts: dict[LRKey, list[torch.Tensor]]) -> None:
-        """Unlink an unlocked leaf, moving its LR arrays into ``lr_parts``; marks it evicted."""
+    def _has_device_child(self, node: TreeNode) -> bool:
+        return any(c.base is not None for c in node.children.values())
+
+    def _revive(self, node: TreeNode, slots: torch.Tensor) -> None:
+        """A host-only (unlocked) node's base is on the device again at ``slots``."""
+        m = len(node.key)
+        node.base = slots.to(device=self.device, dtype=torch.int64, copy=True)
+        self.base_evictable_size_ += m
+        self._host_leaves.discard(node)
+        self._base_leaves.discard(node.parent)
+        if node.lock_ref == 0 and not self._has_device_child(node):
+            self._base_leaves.add(node)
+
+    def _demote(self, node: TreeNode) -> None:
+        """An unlocked device leaf with a host copy becomes host-only (its LR stays)."""
+        m = len(node.key)
+        node.base = None
+        self.base_evictable_size_ -= m
+        self._base_leaves.discard(node)
+        if not node.children:
+            self._host_leaves.add(node)
+        parent = node.parent
+        if parent is not self.root_node and parent.lock_ref == 0 and not self._has_device_child(parent):
+            self._base_leaves.add(parent)
+
+    def _drop_subtree(self, node: TreeNode, lr_parts: dict[LRKey, list[torch.Tensor]],
+                      host_parts: list[torch.Tensor]) -> bool:
+        """Delete the host-only descendants of a device leaf that is about to go without a
+        host copy; False (nothing changed) if a load back holds one of them."""
+        below: list[TreeNode] = []
+        stack = list(node.children.values())
+        while stack:
+            x = stack.pop()
+            below.append(x)
+            stack.extend(x.children.values())
+        if any(x.host_ref > 0 for x in below):
+            return False
+        for x in reversed(below):  # children before their parents
+            self._delete_leaf(x, lr_parts, host_parts)
+        return True
+
+    def _delete_leaf(self, node: TreeNode, lr_parts: dict[LRKey, list[torch.Tensor]],
+                     host_parts: list[torch.Tensor] | None = None) -> None:
+        """Unlink an unlocked leaf, moving its LR arrays into ``lr_parts`` and its host
+        slots into ``host_parts``; marks it evicted."""
         m = len(node.key)
         parent = node.parent
         del parent.children[self._link_key(node)]
-        self.base_evictable_size_ -= m
+        if node.base is not None:
+            self.base_evictable_size_ -= m
         self._base_leaves.discard(node)
+        self._host_leaves.discard(node)
+        if node.host is not None:
+            host_parts.append(node.host)
+            self.host_size_ -= m
         root = self.root_node
         for k, slots in node.lr.items():
             lr_parts[k].append(slots)
@@ -606,16 +781,21 @@ class LRRadixTree:
             self._lr_leaves[k].discard(node)
             if parent is not root and self._lr_evictable_leaf(parent, k):
                 self._lr_leaves[k].add(parent)
-        if parent is not root and not parent.children and parent.lock_ref == 0:
+        if parent is not root and parent.base is None and not parent.children:
+            self._host_leaves.add(parent)
+        elif parent is not root and parent.lock_ref == 0 and not self._has_device_child(parent):
             self._base_leaves.add(parent)
         node.base = None
+        node.host = None
         node.lr = {}
 
-    def _freed(self, base_parts: list[torch.Tensor], lr_parts: dict[LRKey, list[torch.Tensor]]) -> EvictResult:
+    def _freed(self, base_parts: list[torch.Tensor], lr_parts: dict[LRKey, list[torch.Tensor]],
+               host_parts: list[torch.Tensor] | None = None) -> EvictResult:
         """Freed slots as one tensor per component; a single part is handed over uncopied."""
         return EvictResult(
             base_indices=self._join(base_parts),
             lr_indices={k: self._join(v) for k, v in lr_parts.items()},
+            host_indices=self._join(host_parts or []),
         )
 
     def _count_lr_evicted(self, result: EvictResult) -> None:
