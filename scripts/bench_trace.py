@@ -43,7 +43,8 @@ def paper_trace(context: int) -> list[tuple[str, int, int]]:
     return steps + [("reflect", 32, 32), ("reflect", 8, 8)]
 
 
-def stream_generate(url: str, ids: list[int], role: str | None, n_gen: int) -> tuple[list[int], float, int]:
+def stream_generate(url: str, ids: list[int], role: str | None, n_gen: int,
+                    headers: dict[str, str] | None = None) -> tuple[list[int], float, int]:
     """(output ids, TTFT seconds, cached tokens) of one streamed greedy request."""
     payload = {"input_ids": ids, "stream": True,
                "sampling_params": {"max_new_tokens": n_gen, "temperature": 0, "ignore_eos": True}}
@@ -51,7 +52,7 @@ def stream_generate(url: str, ids: list[int], role: str | None, n_gen: int) -> t
         payload["lora_path"] = role
     start = time.perf_counter()
     ttft, last = None, None
-    with requests.post(url + "/generate", json=payload, stream=True, timeout=3600) as resp:
+    with requests.post(url + "/generate", json=payload, headers=headers, stream=True, timeout=3600) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
@@ -64,13 +65,14 @@ def stream_generate(url: str, ids: list[int], role: str | None, n_gen: int) -> t
     return last["output_ids"], ttft or 0.0, last["meta_info"]["cached_tokens"]
 
 
-def run_trajectory(url: str, seed: int, steps: list, roles: bool, vocab: int, out: dict, bar: tqdm) -> None:
+def run_trajectory(url: str, seed: int, steps: list, roles: bool, vocab: int, out: dict, bar: tqdm,
+                   headers: dict[str, str] | None = None) -> None:
     rng = random.Random(seed)
     traj: list[int] = []
     ttft = cached = prompt = 0.0
     for role, n_new, n_gen in steps:
         traj += [rng.randrange(100, vocab) for _ in range(n_new)]
-        gen, t, c = stream_generate(url, traj, role if roles else None, n_gen)
+        gen, t, c = stream_generate(url, traj, role if roles else None, n_gen, headers)
         ttft += t
         cached += c
         prompt += len(traj)

@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -153,3 +154,53 @@ def _run_trace(srv: Any, seed: int, roles: bool, forced: list[list[int]] | None)
 def run_trace() -> Callable[..., dict]:
     """`run_trace(server, seed, roles, forced)`: a small plan/action/reflect trace."""
     return _run_trace
+
+
+def _run_keyed_trajectories(url: str, seeds: list[int], key: Callable[[int], str | None],
+                            override_rank: int | None = None) -> dict:
+    """TRACE once per seed, all at once, each trajectory's requests carrying its routing key
+    `key(seed)` in the X-SMG-Routing-Key header (as `LRAgentEndpoint` sends one), or none.
+    Returns the keys and the summed cached and prompt tokens. Trajectories share no prefix
+    (random tokens per seed), so the cached fraction is the same for one or many of them on
+    one server, and lower wherever a trajectory's requests are split over trees."""
+    totals: dict[int, tuple[int, int]] = {}
+    errors: list[BaseException] = []
+
+    def one(seed: int) -> None:
+        rng = random.Random(seed)
+        headers = {} if key(seed) is None else {"X-SMG-Routing-Key": key(seed)}
+        if override_rank is not None:
+            headers["X-Override-Routed-Dp-Rank"] = str(override_rank)
+        traj: list[int] = []
+        cached = prompt = 0
+        try:
+            for role, n_new, n_gen in TRACE:
+                traj += [rng.randrange(*TRACE_VOCAB) for _ in range(n_new)]
+                payload = {"input_ids": traj, "lora_path": role,
+                           "sampling_params": {"max_new_tokens": n_gen, "temperature": 0, "ignore_eos": True}}
+                resp = requests.post(url + "/generate", json=payload, headers=headers, timeout=600)
+                resp.raise_for_status()
+                out = resp.json()
+                cached += out["meta_info"]["cached_tokens"]
+                prompt += out["meta_info"]["prompt_tokens"]
+                traj += out["output_ids"]
+        except BaseException as exc:
+            errors.append(exc)
+        totals[seed] = (cached, prompt)
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    cached = sum(c for c, _ in totals.values())
+    prompt = sum(p for _, p in totals.values())
+    return {"keys": [key(s) for s in seeds], "cached": cached, "prompt": prompt, "fraction": cached / prompt}
+
+
+@pytest.fixture(scope="session")
+def run_keyed_trajectories() -> Callable[..., dict]:
+    """`run_keyed_trajectories(url, seeds, key, override_rank=None)`: TRACE per seed at once."""
+    return _run_keyed_trajectories

@@ -138,6 +138,14 @@ def check_model(parser: argparse.ArgumentParser, config: LRAgentConfig, server_a
         parser.exit(2, f"lragent-serve: error: {exc}\n")
 
 
+def check_data_parallel(parser: argparse.ArgumentParser, server_args: object) -> None:
+    """`--dp-size N` gives each rank its own tree and LR pool (served exactly); DP attention
+    splits attention and MLP ranks in ways our backends have never run, so it is refused."""
+    if server_args.dp_size > 1 and server_args.enable_dp_attention:
+        parser.exit(2, "lragent-serve: error: --enable-dp-attention is not supported with the lragent "
+                       "backends; use --dp-size N without it (one tree and LR pool per rank)\n")
+
+
 def check_adapters(parser: argparse.ArgumentParser, config: LRAgentConfig, server_args: object) -> None:
     """Refuse adapters the server cannot serve before SGLang loads them (one-line error),
     and default `--max-lora-rank` to the adapters' largest rank."""
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         argv.append("--disable-prefill-cuda-graph")  # Flash-LoRA runs decode graphs only
     server_args = prepare_server_args(argv)
     check_model(parser, config, server_args, cpu)
+    check_data_parallel(parser, server_args)
     check_adapters(parser, config, server_args)
     logger.info("lragent scheme %s, lr basis %s, cpu=%s", config.scheme, config.lr_basis, cpu)
 
@@ -192,3 +201,8 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+elif __name__ == "__mp_main__" and cpu_compat.wanted():
+    # A child spawned by SGLang imports this module first and then unpickles its start
+    # function; the data-parallel controller's is SGLang's own, whose imports need the
+    # CPU stand-ins already (scheduler and detokenizer starts are swapped for ours).
+    cpu_compat.apply_early()

@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any, Callable
 
 from lragent_sglang.server import allocation, cpu_compat, lora_split, metrics, model_compat, request, runtime, stats
-from lragent_sglang.server import body_limit, guards, lora_usage
+from lragent_sglang.server import body_limit, guards, lora_usage, placement
 from lragent_sglang.server.config import LRAgentConfig
 from lragent_sglang.server.runtime import LRAgentRuntime
 
@@ -119,6 +119,18 @@ def request_guard_patches(rt: LRAgentRuntime) -> tuple[Patch, ...]:
     )
 
 
+def placement_patches() -> tuple[Patch, ...]:
+    """Data-parallel placement in the process that receives requests, and where each
+    trajectory ran in the schedulers (issue 15)."""
+    return (
+        Patch("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", placement.place_request,
+              "before", always, "with --dp-size N, send every request of one routing key (trajectory) to one DP "
+              "rank, whose tree holds its prefix; the key is SGLang's routing_key or the router's header"),
+        Patch("sglang.srt.managers.schedule_batch.Req.__init__", placement.count_request, "after", always,
+              "count each scheduler's requests per routing key: where every trajectory ran"),
+    )
+
+
 def cpu_patches() -> tuple[Patch, ...]:
     """Hooks that let SGLang 0.5.17 serve on a machine without an accelerator."""
     return (
@@ -140,7 +152,7 @@ def install(rt: LRAgentRuntime | None, cpu: bool) -> list[Patch]:
     invalid settings); return them (for logs and tests)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    serving = (*sglang_patches(rt), *request_guard_patches(rt)) if rt is not None else ()
+    serving = (*sglang_patches(rt), *request_guard_patches(rt), *placement_patches()) if rt is not None else ()
     rows = [p for p in serving if p.when(rt.config)]
     if cpu:
         rows.extend(cpu_patches())

@@ -19,6 +19,7 @@ from typing import Any
 
 from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 
+from lragent_sglang.server import placement
 from lragent_sglang.server.config import selected
 from lragent_sglang.server.runtime import LRAgentRuntime, kv_bytes_per_token
 
@@ -193,16 +194,38 @@ def lragent_state(scheduler: Any, rt: LRAgentRuntime) -> dict[str, Any]:
 
 
 def add_internal_state(rt: LRAgentRuntime, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER hook of `Scheduler.get_internal_state`."""
-    result.internal_state["lragent"] = lragent_state(scheduler, rt)
+    """AFTER hook of `Scheduler.get_internal_state`; `dp_rank` tells the data-parallel
+    schedulers apart (0 without data parallelism), `routing_keys` counts its requests per
+    routing key (trajectory)."""
+    state = lragent_state(scheduler, rt)
+    state["dp_rank"] = getattr(getattr(scheduler, "ps", None), "dp_rank", None) or 0
+    state["routing_keys"] = dict(placement.served.counts)
+    result.internal_state["lragent"] = state
+
+
+def summed(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The schedulers' states added up: numbers summed at every depth, other values kept
+    where all schedulers agree (scheme, sharing); `dp_rank` dropped."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for s in states for k in s if k != "dp_rank"):
+        values = [s[key] for s in states if key in s]
+        if all(isinstance(v, dict) for v in values):
+            out[key] = summed(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values)
+        elif all(v == values[0] for v in values):
+            out[key] = values[0]
+    return out
 
 
 def add_stats_route() -> None:
-    """`GET /lragent/stats`: one entry per scheduler (data-parallel rank)."""
+    """`GET /lragent/stats`: one entry per scheduler (data-parallel rank, by `dp_rank`) and
+    their sum (`total`)."""
     from sglang.srt.entrypoints import http_server
 
     async def lragent_stats() -> dict[str, Any]:
         states = await http_server._global_state.tokenizer_manager.get_internal_state()
-        return {"schedulers": [s.get("lragent", {}) for s in states]}
+        schedulers = sorted((s.get("lragent", {}) for s in states), key=lambda s: s.get("dp_rank", 0))
+        return {"schedulers": schedulers, "total": summed(schedulers)}
 
     http_server.app.get("/lragent/stats")(lragent_stats)
