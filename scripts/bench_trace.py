@@ -11,6 +11,16 @@ sent without an adapter (cache flushed first): the upper bound of sharing. Print
 writes JSON and, next to it, a PNG of throughput and cached fraction against trajectories
 in flight (one line per run, one panel pair per context).
 
+`--host-tier off on` starts every server twice, without and with SGLang's hierarchical
+cache (`--enable-hierarchical-cache --hicache-ratio R`; its runs are labelled "+host"):
+`--schemes base-lr-shared --no-adapter-run --host-tier off on --in-flight 8 16 32 64` is
+one script run of base-lr-shared with the host tier off and on and stock SGLang without
+adapters with and without HiCache. Each run records the tokens its host tier loaded back.
+`--profile-dir D` profiles the first cell of the runs labelled `--profile-label` with
+SGLang's profiler (`/start_profile`, `--profile-steps` forward steps) and stores
+`profile_summary`'s time breakdown in the JSON, with the HTTP share of TTFT (client TTFT
+minus the server's own, from `/metrics`).
+
     python scripts/bench_trace.py --model-path M --lora-paths plan=P action=P reflect=P \
         --context 2048 8192 --in-flight 1 8 [--schemes non-shared base-lr-shared ...] [--out F]
 """
@@ -24,15 +34,20 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
+from profile_summary import format_summary, load, summarise, trace_files
 from tqdm import tqdm
 
 from lragent_sglang.agents.server_process import ServerProcess
 from lragent_sglang.scheme import Scheme
 
 logger = logging.getLogger(__name__)
+
+HOST_SUFFIX = " +host"
+TTFT_SUM = "sglang:time_to_first_token_seconds_sum"
 
 
 def paper_trace(context: int) -> list[tuple[str, int, int]]:
@@ -128,6 +143,7 @@ def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, l
     kv_bytes = info.get("base", {}).get("bytes", 0) + info.get("lr", {}).get("bytes", 0)
     decode_tokens = in_flight * sum(n_gen - 1 for _, _, n_gen in steps)
     tokens = sum(r["tokens"] for r in results.values())
+    loaded = info.get("host", {}).get("loaded_back_tokens", 0) - before.get("host", {}).get("loaded_back_tokens", 0)
     return {
         "throughput_tok_s": tokens / wall,
         "wall_s": wall,
@@ -135,7 +151,49 @@ def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, l
         "cached_fraction": sum(r["cached"] for r in results.values()) / sum(r["prompt"] for r in results.values()),
         "kv_bytes_per_trajectory": kv_bytes / in_flight,
         "kv_bytes_written_per_trajectory": kv_bytes_written(before, info, decode_tokens) / in_flight,
+        "host_loaded_back_tokens": loaded,
     }
+
+
+def metric_sum(url: str, name: str) -> float:
+    """The sum of a Prometheus sample over its label sets (0 without --enable-metrics)."""
+    text = requests.get(url + "/metrics", timeout=60).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def profiled(url: str, out_dir: Path, steps: int, in_flight: int, run: Callable[[], dict]) -> dict:
+    """`run()`'s row with the time breakdown of SGLang's profiler over its first `steps`
+    forward steps (the profiler stops itself after them) and the HTTP share of its TTFT."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = set(trace_files(out_dir))
+    server_ttft = metric_sum(url, TTFT_SUM)
+    requests.post(url + "/start_profile", timeout=60, json={
+        "output_dir": str(out_dir.resolve()), "num_steps": steps, "activities": ["CPU", "GPU"]}).raise_for_status()
+    row = run()
+    requests.post(url + "/stop_profile", timeout=600)  # an error only says it stopped already
+    server_ttft = metric_sum(url, TTFT_SUM) - server_ttft
+    row["http_ttft_s"] = row["ttft_sum_s"] * in_flight - server_ttft
+    new = [f for f in trace_files(out_dir) if f not in before]
+    if new:
+        row["profile"] = {**summarise(load(new[0])), "trace": str(new[0])}
+    return row
+
+
+def server_configs(schemes: list[Scheme], wanted: list[str], no_adapter_run: bool,
+                   host_tiers: list[str]) -> list[tuple[Scheme, bool, list[tuple[str, bool]]]]:
+    """(scheme, host tier on, [(run label, with adapters)]) for every server to start."""
+    out = []
+    for host in host_tiers:
+        suffix = HOST_SUFFIX if host == "on" else ""
+        for scheme in schemes:
+            runs = [(str(scheme) + suffix, True)] if str(scheme) in wanted else []
+            if no_adapter_run and (scheme.keys_by_adapter or scheme.one_lr_cache):
+                # Same server, cache flushed in between: stock kernels, and ours.
+                no_adapters = "no-adapters" if scheme.keys_by_adapter else "no-adapters lragent"
+                runs.append((no_adapters + suffix, False))
+            out.append((scheme, host == "on", runs))
+    return out
 
 
 def save(out: Path, tables: dict[tuple[int, int], dict]) -> None:
@@ -178,13 +236,16 @@ def plot(out: Path, tables: dict[tuple[int, int], dict]) -> None:
 def print_table(context: int, in_flight: int, table: dict) -> None:
     ref = table.get(Scheme.NON_SHARED)
     print(f"\ntrace L={context} ({912 + 4 * context} tokens), {in_flight} in flight")
-    print(f"{'run':20s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} "
-          f"{'KV MiB held/traj':>16s} {'KV MiB written/traj':>19s}")
+    print(f"{'run':26s} {'tok/s':>9s} {'x non-sh':>8s} {'TTFT sum s':>10s} {'cached':>7s} "
+          f"{'KV MiB held/traj':>16s} {'KV MiB written/traj':>19s} {'loaded back':>11s}")
     for label, r in table.items():
         ratio = r["throughput_tok_s"] / ref["throughput_tok_s"] if ref else float("nan")
-        print(f"{label:20s} {r['throughput_tok_s']:9.0f} {ratio:8.2f} {r['ttft_sum_s']:10.2f} "
+        print(f"{label:26s} {r['throughput_tok_s']:9.0f} {ratio:8.2f} {r['ttft_sum_s']:10.2f} "
               f"{r['cached_fraction']:7.2f} {r['kv_bytes_per_trajectory'] / 2**20:16.1f} "
-              f"{r['kv_bytes_written_per_trajectory'] / 2**20:19.1f}")
+              f"{r['kv_bytes_written_per_trajectory'] / 2**20:19.1f} {r.get('host_loaded_back_tokens', 0):11d}")
+        if "profile" in r:
+            print(format_summary(label, r["profile"]))
+            print(f"  HTTP share of the TTFT sum: {r['http_ttft_s']:.2f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", nargs="+", default=list(Scheme.choices()), choices=Scheme.choices())
     parser.add_argument("--no-adapter-run", action="store_true", help="also run the trace without adapters")
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--host-tier", nargs="+", default=["off"], choices=["off", "on"],
+                        help="start every server without and/or with SGLang's hierarchical cache")
+    parser.add_argument("--hicache-ratio", type=float, default=2.0, help="host pool / device pool, host tier on")
+    parser.add_argument("--profile-dir", type=Path, help="profile the first cell of the --profile-label runs")
+    parser.add_argument("--profile-label", default="base-lr-shared", help="the run label to profile")
+    parser.add_argument("--profile-steps", type=int, default=300, help="forward steps the profiler records")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench_trace.json"))
     parser.add_argument("server_flags", nargs=argparse.REMAINDER, help="after --: extra SGLang flags")
     args = parser.parse_args(argv)
@@ -208,18 +275,28 @@ def main(argv: list[str] | None = None) -> int:
         schemes.append(Scheme.NON_SHARED)
     cells = [(c, f) for c in args.context for f in args.in_flight]
     tables: dict[tuple[int, int], dict] = {cell: {} for cell in cells}
-    for scheme in schemes:
-        runs = [(str(scheme), True)] if scheme in args.schemes else []
-        if args.no_adapter_run and (scheme.keys_by_adapter or scheme.one_lr_cache):
-            # Same server, cache flushed in between: stock kernels, and ours.
-            runs.append(("no-adapters" if scheme.keys_by_adapter else "no-adapters lragent", False))
-        with ServerProcess([*base, "--lragent-scheme", str(scheme)], log_path=args.out.with_suffix(f".{scheme}.log")) as srv:
-            for context, in_flight in cells:
+    for scheme, host, runs in server_configs(schemes, args.schemes, args.no_adapter_run, args.host_tier):
+        flags = ["--lragent-scheme", str(scheme)]
+        if host:
+            flags += ["--enable-hierarchical-cache", "--hicache-ratio", str(args.hicache_ratio)]
+        if args.profile_dir:
+            flags.append("--enable-metrics")
+        log = args.out.with_suffix(f".{scheme}{'-host' if host else ''}.log")
+        with ServerProcess([*base, *flags], log_path=log) as srv:
+            for i, (context, in_flight) in enumerate(cells):
                 for label, roles in runs:
                     requests.post(srv.url + "/flush_cache", timeout=60).raise_for_status()
                     stream_generate(srv.url, [100, 101, 102], None, 2)  # warm the kernels
-                    row = run_scheme(srv.url, paper_trace(context), in_flight, roles, args.vocab,
-                                     f"{label} L={context} x{in_flight}")
+
+                    def run(label: str = label, roles: bool = roles) -> dict:
+                        return run_scheme(srv.url, paper_trace(context), in_flight, roles, args.vocab,
+                                          f"{label} L={context} x{in_flight}")
+
+                    if args.profile_dir and i == 0 and label == args.profile_label:
+                        out_dir = args.profile_dir / label.replace(" ", "_")
+                        row = profiled(srv.url, out_dir, args.profile_steps, in_flight, run)
+                    else:
+                        row = run()
                     tables[(context, in_flight)][label] = row
                     logger.info("%s L=%d x%d: %s", label, context, in_flight, row)
                     save(args.out, tables)  # a cut-off run keeps its rows
