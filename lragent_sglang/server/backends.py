@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lragent_sglang.server import cpu_compat
 from lragent_sglang.server.config import BACKEND_NAME
+from lragent_sglang.server.hicache_check import check_hicache
 from lragent_sglang.server.model_check import check_attention_layers
 from lragent_sglang.server.runtime import LRAgentRuntime
 
@@ -28,8 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def create_tree_cache(rt: LRAgentRuntime, ctx: "TreeCacheBuildContext") -> "BasePrefixCache":
-    """Radix-cache factory (`register_radix_cache_backend`)."""
+    """Radix-cache factory (`register_radix_cache_backend`). With
+    `--enable-hierarchical-cache`, the hierarchical variant (see `hicache_check`)."""
     rt.bind(ctx.server_args)
+    hierarchical = ctx.enable_hierarchical_cache
+    if hierarchical:
+        check_hicache(rt.scheme, ctx.server_args, cpu_compat.wanted())
     if rt.scheme.shares_base:
         from lragent_sglang.server.cache import LRAgentRadixCache
 
@@ -38,12 +43,25 @@ def create_tree_cache(rt: LRAgentRuntime, ctx: "TreeCacheBuildContext") -> "Base
                 f"--lragent-scheme {rt.scheme} needs --attention-backend {BACKEND_NAME} "
                 "(it owns the LR cache)"
             )
-        logger.info("lragent radix cache: scheme=%s (shared base pages + LR pages)", rt.scheme)
-        return LRAgentRadixCache(ctx.params, rt)
-    from sglang.srt.mem_cache.radix_cache import RadixCache
+        logger.info("lragent radix cache: scheme=%s (shared base pages + LR pages), hierarchical=%s",
+                    rt.scheme, hierarchical)
+        if not hierarchical:
+            return LRAgentRadixCache(ctx.params, rt)
+        from lragent_sglang.server.hicache import LRAgentHiRadixCache
 
-    logger.info("lragent radix cache: scheme=%s (SGLang RadixCache)", rt.scheme)
-    return RadixCache(ctx.params)
+        cache = LRAgentHiRadixCache(ctx.params, rt, ctx.server_args)
+    elif hierarchical:
+        from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
+
+        logger.info("lragent radix cache: scheme=%s (SGLang HiRadixCache)", rt.scheme)
+        cache = HiRadixCache(params=ctx.params, server_args=ctx.server_args)
+    else:
+        from sglang.srt.mem_cache.radix_cache import RadixCache
+
+        logger.info("lragent radix cache: scheme=%s (SGLang RadixCache)", rt.scheme)
+        return RadixCache(ctx.params)
+    ctx.tp_worker.register_hicache_layer_transfer_counter(cache.cache_controller.layer_done_counter)
+    return cache
 
 
 def create_attention_backend(rt: LRAgentRuntime, runner: Any) -> Any:

@@ -118,20 +118,31 @@ class LRAgentRadixCache(BasePrefixCache):
             return self._empty_match(self.rt.lr_key(req.lora_id))
         lr_key = self.rt.lr_key(req.lora_id) if req is not None else None
         counted = first_look(req)
-        m = self.tree.match(key.raw_token_ids(), lr_key, namespace=key.extra_key, record_stats=counted)
+        tokens = key.raw_token_ids()
+        m = self.tree.match(tokens, lr_key, namespace=key.extra_key, record_stats=counted)
         use_len = m.lr_len if lr_key is not None else m.base_len
         if counted:
             self.adapter_stats.record(req.lora_id, prompt_len(req), m.base_len, use_len)
         if req is not None:
-            req.lragent.gap = m.base_indices[use_len:] if m.base_len > use_len else None
-            req.lragent.lr_prefix = m.lr_indices if lr_key is not None else None
+            self._hand_out(req, m, use_len)
+            req.lragent.match_key = (tokens, key.extra_key)
         handle = NodeHandle(m.last_base_node, lr_key)
+        host_end = NodeHandle(m.last_node, lr_key)
         return MatchResult(
             device_indices=m.base_indices[:use_len],
-            last_device_node=handle, last_host_node=handle, best_match_node=handle,
+            last_device_node=handle, last_host_node=host_end, best_match_node=host_end,
+            host_hit_length=m.host_len,
         )
 
-    def _insert(self, req: Any, token_ids: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    @staticmethod
+    def _hand_out(req: Any, m: Any, use_len: int) -> None:
+        """The request reuses `use_len` tokens (K, V_base and its LR); the base slots
+        after them are its LR-prefill gap."""
+        req.lragent.gap = m.base_indices[use_len:] if m.base_len > use_len else None
+        req.lragent.lr_prefix = m.lr_indices[:use_len] if m.lr_key is not None else None
+
+    def _insert(self, req: Any, token_ids: list[int], n: int,
+                chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         """Insert the request's first `n` tokens (base, then its LR), free its duplicates,
         and return the tree's base slots, LR slots and match for those tokens."""
         handle: NodeHandle = req.last_node
@@ -151,7 +162,11 @@ class LRAgentRadixCache(BasePrefixCache):
             dup = slice(req.lragent.lr_protected, res_lr.prefix_len)
             self._free_duplicates(lr[dup], m.lr_indices[dup], lr_pool=True)
             lr_slots = m.lr_indices
+        self._inserted(m.last_base_node, chunked)
         return m.base_indices, lr_slots, m
+
+    def _inserted(self, last: TreeNode, chunked: bool) -> None:
+        """After an insert ending at `last` (the host tier backs paths up here)."""
 
     def _free_duplicates(self, ours: torch.Tensor, tree: torch.Tensor, lr_pool: bool = False) -> None:
         if ours.numel() == 0:
@@ -169,7 +184,7 @@ class LRAgentRadixCache(BasePrefixCache):
         token_ids = req.get_fill_ids()
         n = len(token_ids)
         row = req.req_pool_idx
-        base, lr, m = self._insert(req, token_ids, n)
+        base, lr, m = self._insert(req, token_ids, n, chunked)
         self.req_to_token_pool.write((row, slice(req.cache_protected_len, n)), base[req.cache_protected_len :].to(torch.int32))
         old: NodeHandle = req.last_node
         new = NodeHandle(m.last_base_node, old.lr_key)
@@ -204,9 +219,14 @@ class LRAgentRadixCache(BasePrefixCache):
     def evict(self, params: EvictParams) -> EvictResult:
         if self.disable:
             return EvictResult()
-        res = self.tree.evict_base(params.num_tokens)
-        self._release(res)
+        res = self._evict_base(params.num_tokens)
         return EvictResult(num_tokens_evicted=res.num_base_tokens)
+
+    def _evict_base(self, num_tokens: int) -> Any:
+        """Evict base pages (and their LR) and return the freed slots to the pools."""
+        res = self.tree.evict_base(num_tokens)
+        self._release(res)
+        return res
 
     def _release(self, res: Any) -> None:
         if res.base_indices.numel():
@@ -221,7 +241,7 @@ class LRAgentRadixCache(BasePrefixCache):
             self._release(self.tree.evict_lr(need - self.lr_pool.available_size()))
             slots = self.lr_pool.alloc(need)
         if slots is None:
-            self._release(self.tree.evict_base(need - self.lr_pool.available_size()))
+            self._evict_base(need - self.lr_pool.available_size())
             slots = self.lr_pool.alloc(need)
         if slots is None:
             raise LRPoolExhausted(

@@ -38,6 +38,7 @@ from lragent_sglang.server.config import (
     parse_cascade_min_shared,
     parse_max_body_mb,
 )
+from lragent_sglang.server.hicache_check import check_hicache
 from lragent_sglang.server.model_check import ModelError, check_model_config, read_config
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     server_args = prepare_server_args(argv)
     check_model(parser, config, server_args, cpu)
     check_data_parallel(parser, server_args)
+    try:
+        check_hicache(config.scheme, server_args, cpu)
+    except ConfigError as exc:
+        parser.exit(2, f"lragent-serve: error: {exc}\n")
     check_adapters(parser, config, server_args)
     logger.info("lragent scheme %s, lr basis %s, cpu=%s", config.scheme, config.lr_basis, cpu)
 

@@ -62,6 +62,15 @@ BASE_GAUGES: dict[str, tuple[str, str]] = {
     "tokens": ("base_tokens", "Base-KV tokens held in the tree now."),
     "bytes": ("base_bytes", "Bytes of base KV held in the tree now."),
 }
+# `host` field (hierarchical cache) -> (metric name without prefix, help).
+HOST_COUNTERS: dict[str, tuple[str, str]] = {
+    "written_tokens": ("host_written_tokens", "Base-KV tokens copied to the host tier."),
+    "loaded_back_tokens": ("host_loaded_back_tokens", "Base-KV tokens loaded back from the host tier."),
+}
+HOST_GAUGES: dict[str, tuple[str, str]] = {
+    "tokens": ("host_tokens", "Base-KV tokens held in the host tier now."),
+    "bytes": ("host_bytes", "Bytes of base KV held in the host tier now."),
+}
 # top-level field -> (metric name without prefix, help).
 POOL_GAUGES: dict[str, tuple[str, str]] = {
     "lr_pool_size": ("lr_pool_tokens", "Token slots of the LR pool."),
@@ -71,8 +80,9 @@ POOL_GAUGES: dict[str, tuple[str, str]] = {
 
 def exported_names() -> set[str]:
     """Every sample name we export (prometheus_client adds `_total` to counters)."""
-    counters = [*ADAPTER_COUNTERS.values(), *LR_KEY_COUNTERS.values(), *BASE_COUNTERS.values()]
-    gauges = [*LR_KEY_GAUGES.values(), *BASE_GAUGES.values(), *POOL_GAUGES.values()]
+    counters = [*ADAPTER_COUNTERS.values(), *LR_KEY_COUNTERS.values(), *BASE_COUNTERS.values(),
+                *HOST_COUNTERS.values()]
+    gauges = [*LR_KEY_GAUGES.values(), *BASE_GAUGES.values(), *HOST_GAUGES.values(), *POOL_GAUGES.values()]
     return {PREFIX + n + "_total" for n, _ in counters} | {PREFIX + n for n, _ in gauges} | {PREFIX + "info"}
 
 
@@ -85,6 +95,8 @@ class Families:
     lr_key_gauges: dict[str, Any]
     base_counters: dict[str, Any]
     base_gauges: dict[str, Any]
+    host_counters: dict[str, Any]
+    host_gauges: dict[str, Any]
     pool_gauges: dict[str, Any]
     info: Any
 
@@ -121,6 +133,8 @@ def families_for(collector: Any, labelnames: tuple[str, ...]) -> Families:
         lr_key_gauges=gauges(LR_KEY_GAUGES, per_lr_key),
         base_counters=counters(BASE_COUNTERS, list(labelnames)),
         base_gauges=gauges(BASE_GAUGES, list(labelnames)),
+        host_counters=counters(HOST_COUNTERS, list(labelnames)),
+        host_gauges=gauges(HOST_GAUGES, list(labelnames)),
         pool_gauges=gauges(POOL_GAUGES, list(labelnames)),
         info=gauge_cls(
             name=PREFIX + "info", documentation="LRAgent sharing scheme of this scheduler (value 1).",
@@ -158,6 +172,7 @@ class LRAgentMetrics:
     def update(self) -> None:
         state = lragent_state(self.scheduler, self.rt)
         self.update_base(state.get("base", {}))
+        self.update_host(state.get("host", {}))
         for field, gauge in self.fams.pool_gauges.items():
             if field in state:
                 gauge.labels(**self.labels).set(state[field])
@@ -177,6 +192,15 @@ class LRAgentMetrics:
         for field, gauge in self.fams.base_gauges.items():
             if field in base:
                 gauge.labels(**self.labels).set(base[field])
+
+    def update_host(self, host: dict[str, int]) -> None:
+        """Unlabelled host-tier series (present only with --enable-hierarchical-cache)."""
+        for field, counter in self.fams.host_counters.items():
+            if field in host:
+                self.advance(counter, ("host", field), host[field], self.labels)
+        for field, gauge in self.fams.host_gauges.items():
+            if field in host:
+                gauge.labels(**self.labels).set(host[field])
 
     def update_lr_keys(self, per_key: dict[str, dict[str, int]]) -> None:
         """Per-LR-key series; a key that left the tree keeps its gauges, at 0."""

@@ -16,12 +16,14 @@ from functools import partial
 from typing import Any, Callable
 
 from lragent_sglang.server import allocation, cpu_compat, lora_split, metrics, model_compat, request, runtime, stats
-from lragent_sglang.server import body_limit, guards, lora_usage, placement
+from lragent_sglang.server import body_limit, cpu_hicache, guards, lora_usage, placement
 from lragent_sglang.server.config import LRAgentConfig
 from lragent_sglang.server.runtime import LRAgentRuntime
 
 _ALLOC = "sglang.srt.mem_cache.allocation"
 _RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
+_HIRADIX = "sglang.srt.mem_cache.hiradix_cache.HiRadixCache"
+_HOST_POOL = "sglang.srt.mem_cache.pool_host"
 _SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 _XGRAMMAR = "sglang.srt.constrained.xgrammar_backend"
 
@@ -83,6 +85,10 @@ def sglang_patches(rt: LRAgentRuntime) -> tuple[Patch, ...]:
         Patch(f"{_RADIX}.evict", stats.count_stock_evict, "after", stock_cache, "eviction counter on SGLang's cache"),
         Patch(f"{_RADIX}.reset", stats.reset_stock_stats, "after", stock_cache,
               "/flush_cache restarts the counters with the cache"),
+        Patch(f"{_HIRADIX}.match_prefix", stats.count_stock_match, "after", stock_cache,
+              "the same counters on SGLang's hierarchical cache (--enable-hierarchical-cache)"),
+        Patch(f"{_HIRADIX}.evict", stats.count_stock_evict, "after", stock_cache,
+              "eviction counter on SGLang's hierarchical cache"),
         Patch(f"{_SCHEDULER}.init_metrics_reporter", partial(metrics.attach_exporter, rt), "after", always,
               "export our statistics as Prometheus metrics next to SGLang's"),
         Patch("sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats",
@@ -142,6 +148,12 @@ def cpu_patches() -> tuple[Patch, ...]:
               "our backend's name takes SGLang's torch paths on CPU"),
         Patch(f"{_ALLOC}.get_last_loc", cpu_compat.get_last_loc, "around", always,
               "the torch version of a Triton-only helper"),
+        Patch(f"{_HOST_POOL}.mha.MHATokenToKVPoolHost.load_to_device_per_layer", cpu_hicache.load_to_device_per_layer,
+              "around", always, "HiCache load back: torch copies where sgl-kernel's transfer kernels are absent"),
+        Patch(f"{_HOST_POOL}.mha.MHATokenToKVPoolHost.backup_from_device_all_layer",
+              cpu_hicache.backup_from_device_all_layer, "around", always, "HiCache write to host: the same"),
+        Patch(f"{_HOST_POOL}.common._cuda_host_register", cpu_hicache.skip_host_register, "around", always,
+              "the HiCache host pool is not pinned without a driver"),
         Patch("sglang.srt.entrypoints.engine.Engine._launch_subprocesses", cpu_compat.launch_subprocesses,
               "around", always, "start the scheduler and detokenizer through entry points that patch first"),
     )

@@ -28,6 +28,7 @@ class RequestState:
     gap: torch.Tensor | None = None  # base slots of an LR-prefill gap still to hand out
     lr_prefix: torch.Tensor | None = None  # LR slots of the matched LR prefix (for req_to_lr)
     lr_protected: int = 0  # leading LR slots the tree owns (never freed by the request)
+    match_key: tuple[Any, Any] | None = None  # (tokens, namespace) of its last prefix match
 
 
 def init_request(rt: "LRAgentRuntime", result: Any, req: Any, *args: Any, **kwargs: Any) -> None:

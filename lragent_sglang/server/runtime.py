@@ -44,6 +44,25 @@ def lr_multiplicity(scheme: Scheme, server_args: Any) -> int:
     return max(1, int(n))
 
 
+def host_tier_ratio(server_args: Any) -> float:
+    """Host-tier tokens per device token for the memory budget: `--hicache-ratio` with
+    `--enable-hierarchical-cache` (a fixed `--hicache-size` is counted when the LR pool is
+    built, outside the budget: its rows are 0.4% of the host KV they cover), else 0."""
+    if not getattr(server_args, "enable_hierarchical_cache", False) or server_args.hicache_size > 0:
+        return 0.0
+    return float(server_args.hicache_ratio)
+
+
+def host_tier_tokens(server_args: Any, kv_size: int, kv_bytes: int) -> int:
+    """KV tokens of the hierarchical cache's host pool, sized as SGLang sizes it; 0 without it.
+    Their LR rows stay on the device (see `hicache`), so the LR pool has room for them."""
+    if not getattr(server_args, "enable_hierarchical_cache", False):
+        return 0
+    if server_args.hicache_size > 0:
+        return int(server_args.hicache_size * 1e9 // kv_bytes)
+    return int(kv_size * server_args.hicache_ratio)
+
+
 def kv_bytes_per_token(kv_pool: Any) -> int:
     """Bytes of K and V one token takes across all layers of an MHA KV pool."""
     return sum(b[0].numel() * b.element_size() for b in (*kv_pool.k_buffer, *kv_pool.v_buffer))
@@ -111,7 +130,8 @@ class LRAgentRuntime:
         self.bind(server_args)
         if not self.enabled:
             return 0
-        return lr_multiplicity(self.scheme, server_args) * LRTokenPool.bytes_per_slot(self.width, num_layers, dtype)
+        per_slot = LRTokenPool.bytes_per_slot(self.width, num_layers, dtype)
+        return int(lr_multiplicity(self.scheme, server_args) * per_slot * (1 + host_tier_ratio(server_args)))
 
     def attach_model_runner(self, runner: Any) -> None:
         """Build the LR pool and the v_proj weight stacks for this runner's pools (once).
@@ -165,9 +185,11 @@ class LRAgentRuntime:
 
 
 def create_lr_pool(runner: Any, rt: LRAgentRuntime) -> LRTokenPool:
-    """One LR row per KV slot and LR key that may need it; logged next to the KV capacity."""
+    """One LR row per KV slot (device and host tier) and LR key that may need it; logged
+    next to the KV capacity."""
     kv_size = runner.token_to_kv_pool_allocator.size
-    size = kv_size * lr_multiplicity(rt.scheme, runner.server_args)
+    host = host_tier_tokens(runner.server_args, kv_size, kv_bytes_per_token(runner.token_to_kv_pool))
+    size = (kv_size + host) * lr_multiplicity(rt.scheme, runner.server_args)
     req_to_token = runner.req_to_token_pool.req_to_token
     pool = LRTokenPool(
         size=size, width=rt.width, num_layers=runner.model_config.num_hidden_layers,
@@ -175,8 +197,8 @@ def create_lr_pool(runner: Any, rt: LRAgentRuntime) -> LRTokenPool:
         device=runner.device, max_reqs=req_to_token.shape[0], max_context_len=req_to_token.shape[1],
     )
     logger.info(
-        "lragent memory: base KV %d tokens; LR pool %d rows x %d wide (%.1f MB, scheme %s)",
-        kv_size, size, rt.width, pool.total_bytes / 2**20, rt.scheme,
+        "lragent memory: base KV %d tokens (host tier %d); LR pool %d rows x %d wide (%.1f MB, scheme %s)",
+        kv_size, host, size, rt.width, pool.total_bytes / 2**20, rt.scheme,
     )
     return pool
 

@@ -169,6 +169,10 @@ def stock_state(cache: Any) -> dict[str, Any]:
     if stats is not None:
         state["base"]["evicted_tokens"] = stats.evicted_tokens
         state["per_adapter"] = stats.adapters.snapshot()
+    host_pool = getattr(cache, "token_to_kv_pool_host", None)  # SGLang's HiRadixCache
+    if host_pool is not None:
+        used = host_pool.size - host_pool.available_size()
+        state["host"] = {"tokens": used, "bytes": used * host_pool.size_per_token, "pool_tokens": host_pool.size}
     return state
 
 
