@@ -2,7 +2,7 @@
 
 | scheme | prefix cache | attention |
 | --- | --- | --- |
-| non-shared | SGLang's RadixCache, keyed by adapter (stock) | SGLang's Triton backend on GPU, ours (torch, no LR term) on CPU |
+| non-shared | SGLang's RadixCache, keyed by adapter (stock) | SGLang's Triton backend on GPU (its sliding-window decode made exact: `stock_triton`), ours (torch, no LR term) on CPU |
 | full-shared | SGLang's RadixCache keyed by tokens only: V with the writer's delta is reused | the same |
 | base-shared, base-lr-shared | `LRAgentRadixCache` (shared base pages + LR pages) | Flash-LoRA (`P V_base + (P L) B`): Triton kernels on GPU, torch on CPU |
 
@@ -87,10 +87,10 @@ def create_attention_backend(rt: LRAgentRuntime, runner: Any) -> Any:
 
         logger.info("lragent attention: scheme=%s, Flash-LoRA Triton kernels", rt.scheme)
         return LRAgentTritonAttnBackend(runner, rt)
-    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+    from lragent_sglang.server.stock_triton import WindowExactTritonAttnBackend
 
-    logger.info("lragent attention: scheme=%s, triton path", rt.scheme)
-    return TritonAttnBackend(runner)
+    logger.info("lragent attention: scheme=%s, SGLang's triton backend (decode window exact)", rt.scheme)
+    return WindowExactTritonAttnBackend(runner)
 
 
 def refuse(error: Exception, *args: Any) -> Any:
