@@ -11,7 +11,9 @@ import pytest
 from lragent_sglang.adapters.io import lora_pairs
 from lragent_sglang.scheme import ConfigError, LRBasis, Scheme, check_lr_basis
 from lragent_sglang.server.config import LRAgentConfig
-from lragent_sglang.server.launch_server import build_parser, check_adapters, lragent_config, with_defaults
+from lragent_sglang.server.launch_server import (
+    build_parser, check_adapters, lragent_config, scheme_defaults, with_defaults,
+)
 
 
 def test_with_defaults_selects_our_backends_and_keeps_user_values():
@@ -28,6 +30,17 @@ def test_with_defaults_on_gpu_adds_no_cpu_flags():
     argv = with_defaults(["--model-path", "m", "--attention-backend", "triton"], cpu=False)
     assert "--device" not in argv and "--lora-backend" not in argv
     assert argv[argv.index("--attention-backend") + 1] == "triton"
+
+
+def test_base_sharing_schemes_default_to_lpm_and_decode_only_graphs():
+    """lpm keeps the cached fraction past the pool's capacity (BENCHMARKS.md, issue 16)."""
+    for scheme in (Scheme.BASE_SHARED, Scheme.BASE_LR_SHARED):
+        gpu = scheme_defaults(["--model-path", "m"], scheme, cpu=False)
+        assert gpu[gpu.index("--schedule-policy") + 1] == "lpm" and "--disable-prefill-cuda-graph" in gpu
+        cpu = scheme_defaults(["--schedule-policy", "fcfs"], scheme, cpu=True)
+        assert cpu == ["--schedule-policy", "fcfs"], "the user's policy stays; no CUDA flag on CPU"
+    for scheme in (Scheme.NON_SHARED, Scheme.FULL_SHARED):
+        assert scheme_defaults(["--model-path", "m"], scheme, cpu=False) == ["--model-path", "m"]
 
 
 def test_lora_pairs_accepts_every_form():

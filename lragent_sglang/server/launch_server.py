@@ -71,6 +71,26 @@ def with_defaults(argv: list[str], cpu: bool) -> list[str]:
     return out
 
 
+#: SGLang's scheduling policy for our tree (BENCHMARKS.md, issue 16): past the pool's capacity,
+#: fcfs admits trajectories whose prefixes were just evicted, each such prefill evicts the
+#: next waiting trajectory's prefix, and the cached fraction collapses; lpm admits the
+#: requests whose prefixes are still cached first and re-matches the waiting ones every pass.
+SHARED_BASE_SCHEDULE_POLICY = "lpm"
+
+
+def scheme_defaults(argv: list[str], scheme: Scheme, cpu: bool) -> list[str]:
+    """The base-sharing schemes' defaults, each only where the user gave no value:
+    decode-only CUDA graphs on GPU (Flash-LoRA has no prefill graphs) and the lpm policy."""
+    out = list(argv)
+    if not scheme.shares_base:
+        return out
+    if not cpu and not _has_flag(out, "--disable-prefill-cuda-graph"):
+        out.append("--disable-prefill-cuda-graph")
+    if not _has_flag(out, "--schedule-policy"):
+        out.extend(["--schedule-policy", SHARED_BASE_SCHEDULE_POLICY])
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lragent-serve",
@@ -177,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.server_args import prepare_server_args
 
     argv = with_defaults(rest, cpu)
-    if not cpu and config.scheme.shares_base and not _has_flag(argv, "--disable-prefill-cuda-graph"):
-        argv.append("--disable-prefill-cuda-graph")  # Flash-LoRA runs decode graphs only
+    argv = scheme_defaults(argv, config.scheme, cpu)
     server_args = prepare_server_args(argv)
     check_model(parser, config, server_args, cpu)
     check_data_parallel(parser, server_args)
