@@ -175,6 +175,8 @@ def test_select_sends_the_adapter_and_it_changes_the_scores(endpoint, sent):
         assert state["tool"] == ["calculator", "lookup", "nothing"][best]
         assert len(sent) >= 2
         assert all(p.get("lora_path") == role for p in payloads_of(sent)), payloads_of(sent)
+        # one text per request: sglang-router 0.3.x refuses a batch (a list in `text`)
+        assert all(isinstance(p["text"], str) for p in payloads_of(sent)), payloads_of(sent)
     assert len(set(scores.values())) == 3, scores
 
 

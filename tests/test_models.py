@@ -5,10 +5,11 @@ is the reader) or is refused at launch with one line naming the model type and f
 Base-sharing cells also run three roles over a shared prefix and must report hits.
 
 What a family changes is the attention layer and the projections around it, which every
-scheme reaches through the same two paths: stock KV (non-shared) and the LR split
-(base-lr-shared, and base-shared with a per-adapter key). Each family runs those two; Gemma-2
-(soft-cap, windows, extra norms) runs all four; the schemes' own differences are tested on
-SmolLM2 in test_schemes. This keeps the matrix at 18 servers in CI instead of 32.
+scheme reaches through the same attention code on CPU (our torch backend, with the LR term
+where the scheme has an LR cache). Each family runs base-lr-shared (that code with the LR
+split, our tree and its shared prefix); Gemma-2 (soft-cap, windows, extra norms) runs all
+four; the schemes' own differences are tested on SmolLM2 in test_schemes. This keeps the
+matrix at 11 servers in CI instead of 32 (all 32 passed in the CI run of 2026-12-02).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def flush(srv: ServerProcess) -> None:
 ALL_SCHEMES_FAMILY = "gemma2"
 CELLS = [(family, scheme) for family in sorted(FAMILIES)
          for scheme in (SCHEMES if family == ALL_SCHEMES_FAMILY else
-                        [str(Scheme.NON_SHARED), str(Scheme.BASE_LR_SHARED)])]
+                        [str(Scheme.BASE_LR_SHARED)])]
 
 
 @pytest.mark.e2e

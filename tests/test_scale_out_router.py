@@ -129,13 +129,15 @@ def test_cache_aware_follows_text_not_ids(workers, run_keyed_trajectories, tmp_p
         run_agents(with_router.url, 2)
         tallies = keys_by_worker(workers)
         agent_keys = {k for t in tallies for k in t} - {k for t in before for k in t}
-        ids = run_keyed_trajectories(with_router.url, [1, 2], fresh("ids"))
+        # one at a time, so every request finds both workers idle
+        keys = fresh("ids")
+        ids = [run_keyed_trajectories(with_router.url, [seed], keys)["keys"][0] for seed in (1, 2)]
     finally:
         with_router.stop()
-    assert len(agent_keys) == 2
-    assert all(len(workers_of(k, tallies)) == 1 for k in agent_keys)
+    assert len(agent_keys) == 2, agent_keys
+    assert all(len(workers_of(k, tallies)) == 1 for k in agent_keys), [workers_of(k, tallies) for k in agent_keys]
     after = keys_by_worker(workers)
-    assert all(workers_of(k, after) == [0] for k in ids["keys"])  # idle ties: all on the first worker
+    assert all(workers_of(k, after) == [0] for k in ids), [workers_of(k, after) for k in ids]  # idle ties: the first
 
 
 def test_manual_policy_places_each_trajectory(workers, single_server_fraction, run_keyed_trajectories, tmp_path):

@@ -40,6 +40,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -271,9 +272,15 @@ class LRAgentEndpoint(RuntimeEndpoint):
     def fill_image(self, s: StreamExecutor) -> None:
         self._post(s, {"text": s.text_, "sampling_params": {"max_new_tokens": 0}})
 
-    def _generate_http_request(self, s: StreamExecutor, data: dict[str, Any]) -> dict[str, Any]:
-        """The requests of `select` (SGLang's helper, with our headers)."""
-        return self._post(s, data).json()
+    def _generate_http_request(self, s: StreamExecutor, data: dict[str, Any]) -> Any:
+        """The requests of `select` (SGLang's helper, with our headers). Its scoring batch
+        (one text per choice) goes as one request per choice, sent together: sglang-router
+        0.3.x refuses a list in `text`, and the server runs a batch as separate requests
+        anyway; the answers come back as the batch's list, in order."""
+        if not isinstance(data["text"], list):
+            return self._post(s, data).json()
+        with ThreadPoolExecutor(len(data["text"])) as pool:
+            return list(pool.map(lambda text: self._post(s, {**data, "text": text}).json(), data["text"]))
 
     def cache_prefix(self, prefix_str: str) -> None:
         """SGLang's program prefix caching, with the endpoint's default adapter (a state's

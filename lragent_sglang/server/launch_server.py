@@ -159,10 +159,11 @@ def check_model(parser: argparse.ArgumentParser, config: LRAgentConfig, server_a
         parser.exit(2, f"lragent-serve: error: {exc}\n")
 
 
-def check_data_parallel(parser: argparse.ArgumentParser, server_args: object) -> None:
+def check_data_parallel(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """`--dp-size N` gives each rank its own tree and LR pool (served exactly); DP attention
-    splits attention and MLP ranks in ways our backends have never run, so it is refused."""
-    if server_args.dp_size > 1 and server_args.enable_dp_attention:
+    splits attention and MLP ranks in ways our backends have never run, so it is refused
+    (from the flags: SGLang's own argument checks assert on some of its combinations)."""
+    if _has_flag(argv, "--enable-dp-attention"):
         parser.exit(2, "lragent-serve: error: --enable-dp-attention is not supported with the lragent "
                        "backends; use --dp-size N without it (one tree and LR pool per rank)\n")
 
@@ -198,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = with_defaults(rest, cpu)
     argv = scheme_defaults(argv, config.scheme, cpu)
+    check_data_parallel(parser, argv)
     server_args = prepare_server_args(argv)
     check_model(parser, config, server_args, cpu)
-    check_data_parallel(parser, server_args)
     try:
         check_hicache(config.scheme, server_args, cpu)
     except ConfigError as exc:
