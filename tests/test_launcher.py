@@ -116,13 +116,21 @@ def server_args(smollm2, adapters: dict | None) -> SimpleNamespace:
     return SimpleNamespace(lora_paths=paths, model_path=str(smollm2), max_lora_rank=None)
 
 
+def resolved_server_args(smollm2, adapters: dict) -> object:
+    """SGLang's own ServerArgs as the launcher holds them when it checks the adapters."""
+    from sglang.srt.server_args import prepare_server_args
+
+    return prepare_server_args(["--model-path", str(smollm2), "--device", "cpu", "--enable-lora",
+                                "--lora-paths", *[f"{r}={p}" for r, p in adapters.items()]])
+
+
 def test_shared_a_default_refuses_independent_adapters_and_suggests_joint(capsys, smollm2, independent):
     parser = build_parser()
     shared_a = LRAgentConfig(Scheme.BASE_LR_SHARED)
     msg = launcher_error(capsys, check_adapters, parser, shared_a, server_args(smollm2, independent))
     assert "'plan'" in msg and "'action'" in msg and "v_proj A" in msg and "--lragent-lr-basis joint" in msg
     joint = LRAgentConfig(Scheme.BASE_LR_SHARED, LRBasis.JOINT)
-    args = server_args(smollm2, independent)
+    args = resolved_server_args(smollm2, independent)  # read-only after resolution, as in the launcher
     check_adapters(parser, joint, args)
     assert args.max_lora_rank == 8
     msg = launcher_error(capsys, check_adapters, parser, joint, server_args(smollm2, None))

@@ -179,7 +179,7 @@ def check_adapters(parser: argparse.ArgumentParser, config: LRAgentConfig, serve
     if config.lr_basis is not DEFAULT_LR_BASIS and not infos:
         parser.error(f"--lragent-lr-basis {config.lr_basis} needs the adapters at start-up (--lora-paths)")
     if infos and server_args.max_lora_rank is None:
-        server_args.max_lora_rank = max(info.rank for info in infos)
+        server_args.override("lragent-serve", max_lora_rank=max(info.rank for info in infos))
 
 
 def main(argv: list[str] | None = None) -> None:
