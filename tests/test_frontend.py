@@ -75,9 +75,11 @@ def endpoint(runtime):
 
 @pytest.fixture()
 def sent(monkeypatch):
-    """(payload, response) of every /generate the SGLang frontend sends in the test."""
+    """(payload, response) of every /generate the SGLang frontend sends in the test: a state's
+    requests (`LRAgentEndpoint._post`, which adds headers) and SGLang's own `http_request`."""
     calls: list[tuple[dict, requests.Response]] = []
     real = runtime_endpoint.http_request
+    real_post = LRAgentEndpoint._post
 
     def spy(url, *args, **kwargs):
         res = real(url, *args, **kwargs)
@@ -85,7 +87,13 @@ def sent(monkeypatch):
             calls.append((kwargs["json"], res))
         return res
 
+    def post_spy(self, s, data, stream=False):
+        res = real_post(self, s, data, stream)
+        calls.append((data, res))
+        return res
+
     monkeypatch.setattr(runtime_endpoint, "http_request", spy)
+    monkeypatch.setattr(LRAgentEndpoint, "_post", post_spy)
     return calls
 
 
