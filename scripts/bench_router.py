@@ -6,7 +6,7 @@ launcher, then `python -m sglang_router.launch_router`): base-lr-shared with tra
 placement (router policy `manual`, each trajectory's requests carrying its routing key in
 `X-SMG-Routing-Key`, as `LRAgentEndpoint` sends it), the same with `round_robin`, and stock
 non-shared with placement. `--in-flight` trajectories of the 17-step trace run at once
-through the router (`bench_trace.run_trajectory`). Prints a table (throughput, summed TTFT
+through the router (`bench_trace.run_trajectories`). Prints a table (throughput, summed TTFT
 per trajectory, cached fraction, and each worker's cached fraction from its
 `/lragent/stats`) and writes JSON.
 
@@ -21,16 +21,13 @@ import argparse
 import json
 import logging
 import sys
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from tqdm import tqdm
 
-from bench_trace import paper_trace, run_trajectory, stream_generate
+from bench_trace import paper_trace, run_trajectories, stream_generate
 from lragent_sglang.agents.cluster import Cluster
 
 logger = logging.getLogger(__name__)
@@ -63,22 +60,9 @@ def run_cell(router_url: str, worker_urls: list[str], steps: list, in_flight: in
              label: str) -> dict:
     """All trajectories at once through the router; each its own routing key."""
     before = [worker_hits(u) for u in worker_urls]
-    results: dict[int, dict] = {}
-    bar = tqdm(total=len(steps) * in_flight, desc=label, leave=False)
     run = uuid.uuid4().hex[:8]
-    start = time.perf_counter()
-    threads = [threading.Thread(target=run_trajectory,
-                                args=(router_url, 1000 + i, steps, True, vocab, results, bar),
-                                kwargs={"headers": {ROUTING_KEY_HEADER: f"{run}-{i}"}})
-               for i in range(in_flight)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    bar.close()
-    if len(results) != in_flight:
-        raise RuntimeError(f"{label}: {in_flight - len(results)} trajectories failed")
+    results, wall = run_trajectories(router_url, steps, in_flight, True, vocab, label,
+                                     headers=lambda i: {ROUTING_KEY_HEADER: f"{run}-{i}"})
     per_worker = []
     for url, (p0, h0) in zip(worker_urls, before):
         p1, h1 = worker_hits(url)

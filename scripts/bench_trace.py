@@ -124,12 +124,15 @@ def kv_bytes_written(before: dict, after: dict, decode_tokens: int) -> float:
             + (lr1 - lr0 + decode_tokens) * lr_bpt)
 
 
-def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, label: str) -> dict:
+def run_trajectories(url: str, steps: list, in_flight: int, roles: bool, vocab: int, label: str,
+                     headers: Callable[[int], dict[str, str]] | None = None) -> tuple[dict[int, dict], float]:
+    """`in_flight` trajectories at once (seeds 1000 + i, trajectory i's request headers
+    `headers(i)`): their results and the wall time; an error if any failed."""
     results: dict[int, dict] = {}
-    before = server_state(url)
     bar = tqdm(total=len(steps) * in_flight, desc=label, leave=False)
     start = time.perf_counter()
-    threads = [threading.Thread(target=run_trajectory, args=(url, 1000 + i, steps, roles, vocab, results, bar))
+    threads = [threading.Thread(target=run_trajectory, args=(url, 1000 + i, steps, roles, vocab, results, bar),
+                                kwargs={"headers": headers(i)} if headers else {})
                for i in range(in_flight)]
     for t in threads:
         t.start()
@@ -139,6 +142,12 @@ def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, l
     bar.close()
     if len(results) != in_flight:
         raise RuntimeError(f"{label}: {in_flight - len(results)} trajectories failed")
+    return results, wall
+
+
+def run_scheme(url: str, steps: list, in_flight: int, roles: bool, vocab: int, label: str) -> dict:
+    before = server_state(url)
+    results, wall = run_trajectories(url, steps, in_flight, roles, vocab, label)
     info = server_state(url)
     kv_bytes = info.get("base", {}).get("bytes", 0) + info.get("lr", {}).get("bytes", 0)
     decode_tokens = in_flight * sum(n_gen - 1 for _, _, n_gen in steps)

@@ -13,8 +13,8 @@ import os
 import random
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -163,41 +163,53 @@ def _run_keyed_trajectories(url: str, seeds: list[int], key: Callable[[int], str
     Returns the keys and the summed cached and prompt tokens. Trajectories share no prefix
     (random tokens per seed), so the cached fraction is the same for one or many of them on
     one server, and lower wherever a trajectory's requests are split over trees."""
-    totals: dict[int, tuple[int, int]] = {}
-    errors: list[BaseException] = []
-
-    def one(seed: int) -> None:
+    def one(seed: int) -> tuple[int, int]:
         rng = random.Random(seed)
         headers = {} if key(seed) is None else {"X-SMG-Routing-Key": key(seed)}
         if override_rank is not None:
             headers["X-Override-Routed-Dp-Rank"] = str(override_rank)
         traj: list[int] = []
         cached = prompt = 0
-        try:
-            for role, n_new, n_gen in TRACE:
-                traj += [rng.randrange(*TRACE_VOCAB) for _ in range(n_new)]
-                payload = {"input_ids": traj, "lora_path": role,
-                           "sampling_params": {"max_new_tokens": n_gen, "temperature": 0, "ignore_eos": True}}
-                resp = requests.post(url + "/generate", json=payload, headers=headers, timeout=600)
-                resp.raise_for_status()
-                out = resp.json()
-                cached += out["meta_info"]["cached_tokens"]
-                prompt += out["meta_info"]["prompt_tokens"]
-                traj += out["output_ids"]
-        except BaseException as exc:
-            errors.append(exc)
-        totals[seed] = (cached, prompt)
+        for role, n_new, n_gen in TRACE:
+            traj += [rng.randrange(*TRACE_VOCAB) for _ in range(n_new)]
+            payload = {"input_ids": traj, "lora_path": role,
+                       "sampling_params": {"max_new_tokens": n_gen, "temperature": 0, "ignore_eos": True}}
+            resp = requests.post(url + "/generate", json=payload, headers=headers, timeout=600)
+            resp.raise_for_status()
+            out = resp.json()
+            cached += out["meta_info"]["cached_tokens"]
+            prompt += out["meta_info"]["prompt_tokens"]
+            traj += out["output_ids"]
+        return cached, prompt
 
-    threads = [threading.Thread(target=one, args=(s,)) for s in seeds]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    with ThreadPoolExecutor(len(seeds)) as pool:  # the first failure is raised once all are done
+        totals = dict(zip(seeds, pool.map(one, seeds)))
     cached = sum(c for c, _ in totals.values())
     prompt = sum(p for _, p in totals.values())
     return {"keys": [key(s) for s in seeds], "cached": cached, "prompt": prompt, "fraction": cached / prompt}
+
+
+@pytest.fixture
+def fake_servers(monkeypatch) -> list[list[str]]:
+    """bench_trace's servers stubbed (benchmark tests without a server): the argv of every
+    start is recorded in the returned list; nothing is served."""
+    import bench_trace
+
+    started: list[list[str]] = []
+
+    class FakeServer:
+        def __init__(self, args: list[str], log_path: Any = None) -> None:
+            started.append(args)
+            self.url = "http://fake"
+
+        def __enter__(self) -> "FakeServer":
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+    monkeypatch.setattr(bench_trace, "ServerProcess", FakeServer)
+    return started
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import bench_router
+import bench_trace
 
 
 def test_every_run_gets_its_cluster_policy_scheme_and_keyed_requests(monkeypatch, tmp_path, capsys) -> None:
@@ -37,7 +38,7 @@ def test_every_run_gets_its_cluster_policy_scheme_and_keyed_requests(monkeypatch
         out[seed] = {"tokens": 100, "ttft_sum_s": 0.5, "cached": 8, "prompt": 10}
 
     monkeypatch.setattr(bench_router, "Cluster", FakeCluster)
-    monkeypatch.setattr(bench_router, "run_trajectory", fake_trajectory)
+    monkeypatch.setattr(bench_trace, "run_trajectory", fake_trajectory)
     monkeypatch.setattr(bench_router, "stream_generate", lambda *a, **k: None)
     monkeypatch.setattr(bench_router, "worker_hits", lambda url: tuple(hits[url]))
     monkeypatch.setattr(bench_router.requests, "post", lambda *a, **k: type("R", (), {"raise_for_status": lambda s: None})())

@@ -51,20 +51,6 @@ def test_profile_summary_classes_busy_fraction_and_host_bound_time() -> None:
     assert s["scheduler_cpu_while_gpu_idle_s"] == pytest.approx(0.12)
 
 
-class FakeServer:
-    started: list[list[str]] = []
-
-    def __init__(self, args, log_path=None) -> None:
-        FakeServer.started.append(args)
-        self.url = "http://fake"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 def fake_run(url, steps, in_flight, roles, vocab, label):
     host = "+host" in label
     return {"throughput_tok_s": 1000.0 / in_flight * (2 if host else 1), "ttft_sum_s": 1.0,
@@ -74,10 +60,8 @@ def fake_run(url, steps, in_flight, roles, vocab, label):
 
 
 @pytest.fixture
-def stubbed(monkeypatch):
-    FakeServer.started = []
+def stubbed(monkeypatch, fake_servers):
     posted: list[tuple[str, dict | None]] = []
-    monkeypatch.setattr(bench_trace, "ServerProcess", FakeServer)
     monkeypatch.setattr(bench_trace, "run_scheme", fake_run)
     monkeypatch.setattr(bench_trace, "stream_generate", lambda *a, **k: ([], 0.0, 0))
     monkeypatch.setattr(bench_trace.requests, "post", lambda url, json=None, **k: posted.append((url, json))
@@ -85,16 +69,16 @@ def stubbed(monkeypatch):
     return posted
 
 
-def test_in_flight_sweep_with_host_tier_off_and_on_in_one_run(stubbed, tmp_path) -> None:
+def test_in_flight_sweep_with_host_tier_off_and_on_in_one_run(stubbed, fake_servers, tmp_path) -> None:
     out = tmp_path / "sweep.json"
     assert bench_trace.main(["--model-path", "m", "--lora-paths", "plan=p", "--context", "8192",
                              "--in-flight", "8", "16", "32", "64", "--schemes", "base-lr-shared",
                              "--no-adapter-run", "--host-tier", "off", "on", "--hicache-ratio", "3",
                              "--out", str(out)]) == 0
-    servers = [(a[a.index("--lragent-scheme") + 1], "--enable-hierarchical-cache" in a) for a in FakeServer.started]
+    servers = [(a[a.index("--lragent-scheme") + 1], "--enable-hierarchical-cache" in a) for a in fake_servers]
     assert sorted(servers) == [("base-lr-shared", False), ("base-lr-shared", True),
                                ("non-shared", False), ("non-shared", True)]
-    host_args = next(a for a in FakeServer.started if "--enable-hierarchical-cache" in a)
+    host_args = next(a for a in fake_servers if "--enable-hierarchical-cache" in a)
     assert host_args[host_args.index("--hicache-ratio") + 1] == "3.0"
     cells = json.loads(out.read_text())["cells"]
     assert [c["in_flight"] for c in cells] == [8, 16, 32, 64]
@@ -107,7 +91,7 @@ def test_in_flight_sweep_with_host_tier_off_and_on_in_one_run(stubbed, tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_profile_option_profiles_the_first_cell_of_one_label(stubbed, tmp_path, monkeypatch) -> None:
+def test_profile_option_profiles_the_first_cell_of_one_label(stubbed, fake_servers, tmp_path, monkeypatch) -> None:
     posted = stubbed
     pdir = tmp_path / "prof"
     ttft = iter([10.0, 16.0])  # the server's TTFT sum before and after the run
@@ -128,7 +112,7 @@ def test_profile_option_profiles_the_first_cell_of_one_label(stubbed, tmp_path, 
                              "--profile-steps", "50", "--out", str(out)]) == 0
     starts = [j for u, j in posted if u.endswith("/start_profile")]
     assert len(starts) == 1 and starts[0]["num_steps"] == 50
-    assert "--enable-metrics" in FakeServer.started[0]
+    assert "--enable-metrics" in fake_servers[0]
     cells = json.loads(out.read_text())["cells"]
     first = cells[0]["runs"]["base-lr-shared"]
     assert first["profile"]["gpu_busy_fraction"] == pytest.approx(0.58)

@@ -34,32 +34,20 @@ def test_kv_written_without_an_lr_cache_counts_kv_only() -> None:
     assert kv_bytes_written(state(0, 0), state(40, 0), decode_tokens=0) == 40 * 1000
 
 
-def test_every_server_runs_every_cell_of_the_grid(monkeypatch, tmp_path) -> None:
+def test_every_server_runs_every_cell_of_the_grid(monkeypatch, fake_servers, tmp_path) -> None:
     """Four server starts cover the whole (context x in-flight) grid, each cell flushed first."""
     import json
     from types import SimpleNamespace
 
     import bench_trace
 
-    started, flushed = [], []
-
-    class FakeServer:
-        def __init__(self, args, log_path=None) -> None:
-            started.append(args[args.index("--lragent-scheme") + 1])
-            self.url = "http://fake"
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc) -> None:
-            return None
+    flushed = []
 
     def fake_run(url, steps, in_flight, roles, vocab, label):
         return {"throughput_tok_s": 1.0, "ttft_sum_s": 0.0, "cached_fraction": 0.0, "steps": len(steps),
                 "tokens": sum(n + g for _, n, g in steps), "roles": roles, "in_flight": in_flight,
                 "kv_bytes_per_trajectory": 0.0, "kv_bytes_written_per_trajectory": 0.0}
 
-    monkeypatch.setattr(bench_trace, "ServerProcess", FakeServer)
     monkeypatch.setattr(bench_trace, "run_scheme", fake_run)
     monkeypatch.setattr(bench_trace, "stream_generate", lambda *a, **k: ([], 0.0, 0))
     monkeypatch.setattr(bench_trace.requests, "post",
@@ -67,6 +55,7 @@ def test_every_server_runs_every_cell_of_the_grid(monkeypatch, tmp_path) -> None
     out = tmp_path / "trace.json"
     assert bench_trace.main(["--model-path", "m", "--lora-paths", "plan=p", "--context", "2048", "8192",
                              "--in-flight", "1", "8", "--no-adapter-run", "--out", str(out)]) == 0
+    started = [args[args.index("--lragent-scheme") + 1] for args in fake_servers]
     assert sorted(started) == sorted(["non-shared", "full-shared", "base-shared", "base-lr-shared"])
     cells = json.loads(out.read_text())["cells"]
     assert [(c["context"], c["in_flight"]) for c in cells] == [(2048, 1), (2048, 8), (8192, 1), (8192, 8)]

@@ -11,8 +11,8 @@ seconds) and flushes the workers first. Where a request ran is read from each wo
 from __future__ import annotations
 
 import sys
-import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -89,21 +89,11 @@ def fresh(tag: str):
 
 def run_agents(url: str, n: int) -> None:
     """`n` example-agent trajectories at once through `LRAgentEndpoint` (the agent unchanged)."""
-    errors: list[BaseException] = []
-
     def one(question: str) -> None:
-        try:
-            run_agent(question, LRAgentEndpoint(url, chat_template_name="chatml"), max_steps=1, max_new_tokens=6)
-        except BaseException as exc:
-            errors.append(exc)
+        run_agent(question, LRAgentEndpoint(url, chat_template_name="chatml"), max_steps=1, max_new_tokens=6)
 
-    threads = [threading.Thread(target=one, args=(q,)) for q in QUESTIONS[:n]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    with ThreadPoolExecutor(n) as pool:  # the first failure is raised once all are done
+        list(pool.map(one, QUESTIONS[:n]))
 
 
 def test_round_robin_splits_a_trajectory(workers, single_server_fraction, run_keyed_trajectories, tmp_path):
