@@ -783,7 +783,8 @@ class LRRadixTree:
                 self._lr_leaves[k].add(parent)
         if parent is not root and parent.base is None and not parent.children:
             self._host_leaves.add(parent)
-        elif parent is not root and parent.lock_ref == 0 and not self._has_device_child(parent):
+        elif (parent is not root and parent.base is not None and parent.lock_ref == 0
+              and not self._has_device_child(parent)):
             self._base_leaves.add(parent)
         node.base = None
         node.host = None

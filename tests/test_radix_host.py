@@ -203,3 +203,23 @@ HostTierMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestHostTier = HostTierMachine.TestCase
+
+
+def test_host_leaf_drop_under_a_host_only_branch_keeps_the_parent_out_of_device_leaves() -> None:
+    """Two trajectories [0, 0] and [0, 1] share a host-only [0]; dropping one host leaf
+    must not make that host-only parent a device eviction candidate (CI, hypothesis)."""
+    tree = LRRadixTree(page_size=1, base_bytes_per_token=4)
+    device, host = itertools.count(1), itertools.count(100)
+    for tokens in ([0, 0], [0, 1]):
+        tree.insert_base(tokens, torch.tensor([next(device) for _ in tokens]))
+        node = tree.match(tokens, record_stats=False).last_base_node
+        while node is not tree.root_node:
+            if node.host is None:
+                tree.set_host(node, torch.tensor([next(host) for _ in node.key]))
+            node = node.parent
+        tree.evict_base(10**9)
+    assert tree.evict_host(1).host_indices.numel() == 1
+    tree.sanity_check()
+    assert tree.evict_base(10**9).base_indices.numel() == 0
+    assert tree.evict_host(10**9).host_indices.numel() == 2
+    assert tree.host_size() == 0
