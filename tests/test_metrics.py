@@ -149,11 +149,13 @@ def test_adapter_stats_arithmetic():
     }
 
 
-def test_first_look_counts_once_and_skips_health_checks():
+def test_first_look_counts_the_capped_match_once_and_skips_health_checks():
+    capped, priority_pass = SimpleNamespace(limit=9), SimpleNamespace(limit=None)
     req = SimpleNamespace(rid="abc", lragent=RequestState())
-    assert stats.first_look(req) and not stats.first_look(req)
-    assert not stats.first_look(SimpleNamespace(rid="HEALTH_CHECK_1", lragent=RequestState()))
-    assert not stats.first_look(None)
+    assert not stats.first_look(req, priority_pass)
+    assert stats.first_look(req, capped) and not stats.first_look(req, capped)
+    assert not stats.first_look(SimpleNamespace(rid="HEALTH_CHECK_1", lragent=RequestState()), capped)
+    assert not stats.first_look(None, capped)
 
 
 def test_update_failure_does_not_raise():

@@ -71,10 +71,14 @@ class Scheduler:
         self.free_rows = list(range(1, 9))
         self.n = 0
 
-    def match(self, tokens: list[int], lora_id: str | None, extra_key: str | None = None) -> FakeReq:
-        self.n += 1
-        req = FakeReq(f"r{self.n}", list(tokens), lora_id, extra_key)
-        m = self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key), req=req))
+    def match(self, tokens: list[int], lora_id: str | None, extra_key: str | None = None,
+              req: FakeReq | None = None) -> FakeReq:
+        """SGLang's scheduling match (init_next_round_input), which caps the key."""
+        if req is None:
+            self.n += 1
+            req = FakeReq(f"r{self.n}", list(tokens), lora_id, extra_key)
+        key = RadixKey(array("q", tokens), extra_key, limit=len(tokens))
+        m = self.cache.match_prefix(MatchPrefixParams(key=key, req=req))
         req.prefix_indices, req.last_node = m.device_indices, m.last_device_node
         req.cache_protected_len = len(m.device_indices)
         self.cache.inc_lock_ref(req.last_node)
@@ -147,6 +151,18 @@ def test_base_shared_second_adapter_gets_the_base_gap_and_reprefills_its_lr():
     counts = s.cache.stats()["per_adapter"]["b"]
     assert (counts["base_hit_tokens"], counts["lr_hit_tokens"], counts["lr_reprefill_tokens"],
             counts["computed_tokens"]) == (10, 0, 10, 14)
+
+
+def test_stats_count_the_scheduling_match_not_the_priority_pass():
+    """A cache-aware policy (lpm) matches the whole prompt first, uncapped; SGLang then
+    reuses at most len - 1 tokens. The dashboards count what is reused."""
+    s = Scheduler(Scheme.BASE_SHARED)
+    s.finish(s.prefill(PROMPT, "a"))
+    req = FakeReq("lpm", list(PROMPT), "a", None)
+    s.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", PROMPT)), req=req))
+    s.match(PROMPT[:-1], "a", req=req)
+    counts = s.cache.stats()["per_adapter"]["a"]
+    assert (counts["requests"], counts["base_hit_tokens"], counts["lr_hit_tokens"]) == (2, 9, 9)
 
 
 def test_base_lr_shared_second_adapter_hits_the_shared_lr():

@@ -111,13 +111,13 @@ class LRAgentRadixCache(BasePrefixCache):
         if self.disable or len(key) == 0:
             if req is None:
                 return self._empty_match()
-            if first_look(req):
+            if first_look(req, key):
                 self.adapter_stats.record(req.lora_id, prompt_len(req), 0, 0)
             req.lragent.gap = None
             req.lragent.lr_prefix = None
             return self._empty_match(self.rt.lr_key(req.lora_id))
         lr_key = self.rt.lr_key(req.lora_id) if req is not None else None
-        counted = first_look(req)
+        counted = first_look(req, key)
         tokens = key.raw_token_ids()
         m = self.tree.match(tokens, lr_key, namespace=key.extra_key, record_stats=counted)
         use_len = m.lr_len if lr_key is not None else m.base_len

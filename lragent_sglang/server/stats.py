@@ -69,11 +69,14 @@ class AdapterStats:
         self.per_adapter.clear()
 
 
-def first_look(req: Any) -> bool:
-    """True once per request: SGLang matches a waiting request again at every scheduling
-    attempt (and the priority path without a request), which must not count twice.
+def first_look(req: Any, key: Any) -> bool:
+    """True once per request, at the match that decides what it reuses: SGLang's
+    `init_next_round_input`, the one caller that caps the key (`key.limit`, at most
+    len - 1 tokens). Cache-aware policies (lpm) match the whole prompt uncapped first, and
+    a waiting request is matched again at every scheduling attempt; neither counts.
     Never for SGLang's health checks, which its own request metrics skip too."""
-    if req is None or req.lragent.counted or str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
+    if (req is None or key.limit is None or req.lragent.counted
+            or str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX)):
         return False
     req.lragent.counted = True
     return True
@@ -113,7 +116,7 @@ def count_stock_match(result: Any, cache: Any, params: Any = None, *args: Any, *
     (the adapter's own in non-shared, the writer's in full-shared): base hit = LR hit."""
     req = getattr(params, "req", None)
     stats = stock_stats(cache) if req is not None else None
-    if stats is None or not first_look(req):
+    if stats is None or not first_look(req, params.key):
         return
     hit = len(result.device_indices)
     stats.adapters.record(req.lora_id, prompt_len(req), hit, hit)
