@@ -34,7 +34,7 @@ from lragent_sglang.agents.server_process import ServerProcess
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 ADAPTER_PANELS = {"base_hit_rate", "lr_hit_rate", "lr_reprefill", "computed", "adapter_table"}
-CACHE_PANELS = {"evictions", "memory", "lr_memory", "unshared_memory", "unshared_prefill"}
+CACHE_PANELS = {"evictions", "memory", "host_tier", "lr_memory", "unshared_memory", "unshared_prefill"}
 SGLANG_PANELS = {"sglang_throughput", "sglang_requests", "sglang_usage"}
 PANELS = ADAPTER_PANELS | CACHE_PANELS | SGLANG_PANELS
 CHROMIUM_FLAGS = [
@@ -176,6 +176,9 @@ def canned_base_shared(elapsed: float, adapters: int) -> dict[str, Any]:
         "scheme": "base-shared", "sharing": {"keys_by_adapter": False, "shares_base": True, "one_lr_cache": False},
         "base": {"tokens": 2000, "bytes": 2000 * 1024, "inserted_tokens": int(elapsed * 300), "evicted_tokens": int(elapsed * 50)},
         "lr": {"tokens": 5000, "bytes": 5000 * 64, "inserted_tokens": int(elapsed * 300), "evicted_tokens": int(elapsed * 30)},
+        "host": {"tokens": 3000, "bytes": 3000 * 1024, "written_tokens": int(elapsed * 200),
+                 "loaded_back_tokens": int(elapsed * 120), "evicted_tokens": int(elapsed * 40), "hit_tokens": int(elapsed * 150),
+                 "pool_tokens": 4000, "pool_available_tokens": 1000},
         "per_adapter": per, "per_lr_key": keys, "lr_pool_size": 10000, "lr_pool_available": 4000,
     }]}
 
@@ -201,11 +204,13 @@ def canned_metrics(elapsed: float) -> str:
 
 
 def canned_non_shared(elapsed: float) -> dict[str, Any]:
-    """One adapter on SGLang's own cache (no LR statistics), half its prompt tokens hit."""
+    """One adapter on SGLang's own cache (no LR statistics) with its HiRadixCache (sizes, no
+    traffic counters), half its prompt tokens hit."""
     prompt = 2 * int(elapsed * 50)
     return {"schedulers": [{
         "scheme": "non-shared", "sharing": {"keys_by_adapter": True, "shares_base": False, "one_lr_cache": False},
         "base": {"tokens": 800, "bytes": 800 * 1024, "evicted_tokens": int(elapsed * 5)},
+        "host": {"tokens": 600, "bytes": 600 * 1024, "pool_tokens": 1600},
         "per_adapter": {"plan": {"requests": prompt // 50, "prompt_tokens": prompt, "base_hit_tokens": prompt // 2,
                                  "lr_hit_tokens": prompt // 2, "lr_reprefill_tokens": 0, "computed_tokens": prompt - prompt // 2}},
     }]}
@@ -298,6 +303,9 @@ def test_twenty_adapters_top_n_and_others(twenty_adapters):
     assert summary["latest"]["lr_hit_rate"]["role19"] == pytest.approx(49, abs=1)
     # base-shared: one tree per adapter would hold each adapter's LR reach, 500 + 10 i tokens
     # of adapter i (more than the 2000 shared base tokens), at the base's bytes per token.
+    assert summary["latest"]["host_tier"] == pytest.approx(
+        {"copied to host": 200, "loaded back": 120, "dropped from host": 40}, rel=0.2), "host traffic in real time"
+    assert summary["latest"]["memory"]["base KV in host memory"] == 3000 * 1024
     assert summary["latest"]["unshared_memory"]["without sharing (estimate)"] == sum(500 + 10 * i for i in range(20)) * 1024
     assert summary["sglang"] == "on"
     assert summary["latest"]["sglang_requests"] == {"running": 5, "queued": 1}, "running summed over processes"
@@ -310,7 +318,8 @@ def test_stock_scheme_without_metrics_degrades(stock_metrics_off):
     ready, summary = page_state(stock_metrics_off, "dashboard-stock-metrics-off.png", samples_at_least(6))
     assert ready == "1", summary
     unavailable = {p for p, v in summary["panels"].items() if v == "n/a"}
-    assert unavailable == {"lr_hit_rate", "lr_reprefill", "lr_memory"} | SGLANG_PANELS, summary
+    assert unavailable == {"lr_hit_rate", "lr_reprefill", "lr_memory", "host_tier"} | SGLANG_PANELS, summary
+    assert summary["latest"]["memory"] == {"base KV": 800 * 1024, "base KV in host memory": 600 * 1024}
     assert summary["sglang"] == "off" and summary["per_adapter"] == ["plan"] and summary["adapters"] == 1
     assert summary["latest"]["base_hit_rate"]["plan"] == pytest.approx(50, abs=1)
 
