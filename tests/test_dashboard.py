@@ -36,7 +36,8 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 ADAPTER_PANELS = {"base_hit_rate", "lr_hit_rate", "lr_reprefill", "computed", "adapter_table"}
 CACHE_PANELS = {"evictions", "memory", "host_tier", "lr_memory", "unshared_memory", "unshared_prefill"}
 SGLANG_PANELS = {"sglang_throughput", "sglang_requests", "sglang_usage"}
-PANELS = ADAPTER_PANELS | CACHE_PANELS | SGLANG_PANELS
+RANK_PANELS = {"rank_table"}
+PANELS = ADAPTER_PANELS | RANK_PANELS | CACHE_PANELS | SGLANG_PANELS
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,2200",
@@ -274,6 +275,22 @@ def stock_metrics_off() -> Iterator[str]:
     yield from serve_canned(routes)
 
 
+@pytest.fixture
+def two_ranks() -> Iterator[str]:
+    """`--dp-size 2`: rank 0 served two adapters and two trajectories, rank 1 three and one."""
+    def routes(path: str, elapsed: float) -> tuple[int, str, bytes]:
+        if path == "/server_info":
+            return as_json({"lora_paths": [f"role{i}" for i in range(3)], "enable_metrics": False})
+        if path == "/metrics":
+            return 404, "application/json", b'{"detail":"Not Found"}'
+        ranks = [canned_base_shared(elapsed, n)["schedulers"][0] for n in (2, 3)]
+        for rank, (state, keys) in enumerate(zip(ranks, (["t1", "t2"], ["t3"]))):
+            state.update(dp_rank=rank, routing_keys={k: 6 for k in keys})
+        return as_json({"schedulers": ranks})
+
+    yield from serve_canned(routes)
+
+
 def test_metrics_are_forwarded_with_their_content_type(twenty_adapters):
     base = twenty_adapters.rsplit(dashboard.ROUTE, 1)[0]
     resp = requests.get(base + "/metrics", timeout=10)
@@ -291,7 +308,8 @@ def test_upstream_errors_are_forwarded_as_such(stock_metrics_off):
 def test_twenty_adapters_top_n_and_others(twenty_adapters):
     ready, summary = page_state(twenty_adapters, "dashboard-20-adapters.png", samples_at_least(6))
     assert ready == "1", summary
-    assert set(summary["panels"]) == PANELS and all(summary["panels"][p] > 0 for p in PANELS), summary
+    assert set(summary["panels"]) == PANELS and all(summary["panels"][p] > 0 for p in PANELS - RANK_PANELS), summary
+    assert summary["panels"]["rank_table"] == "n/a", "one scheduler: no rank rows"
     assert summary["adapters"] == 20 and len(summary["shown"]) == 8 and summary["others"] == 12
     assert summary["shown"][0] == "role19", "the busiest adapters are drawn"
     assert summary["panels"]["adapter_table"] == 20, "the table lists every adapter"
@@ -318,10 +336,23 @@ def test_stock_scheme_without_metrics_degrades(stock_metrics_off):
     ready, summary = page_state(stock_metrics_off, "dashboard-stock-metrics-off.png", samples_at_least(6))
     assert ready == "1", summary
     unavailable = {p for p, v in summary["panels"].items() if v == "n/a"}
-    assert unavailable == {"lr_hit_rate", "lr_reprefill", "lr_memory", "host_tier"} | SGLANG_PANELS, summary
+    assert unavailable == {"lr_hit_rate", "lr_reprefill", "lr_memory", "host_tier"} | RANK_PANELS | SGLANG_PANELS, summary
     assert summary["latest"]["memory"] == {"base KV": 800 * 1024, "base KV in host memory": 600 * 1024}
     assert summary["sglang"] == "off" and summary["per_adapter"] == ["plan"] and summary["adapters"] == 1
     assert summary["latest"]["base_hit_rate"]["plan"] == pytest.approx(50, abs=1)
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_and_their_sum(two_ranks):
+    ready, summary = page_state(two_ranks, "dashboard-dp-ranks.png", samples_at_least(3))
+    assert ready == "1", summary
+    assert summary["panels"]["rank_table"] == 2
+    r0, r1 = summary["ranks"]
+    assert (r0["rank"], r0["trajectories"], r1["rank"], r1["trajectories"]) == (0, 2, 1, 1)
+    totals = {name: e["prompt_tokens"] for name, e in summary["totals"].items()}
+    assert 2 * r0["prompt_tokens"] == totals["role0"] + totals["role1"], "role0 and role1 ran on both ranks"
+    assert r1["prompt_tokens"] == r0["prompt_tokens"] + totals["role2"], "role2 on rank 1 only"
+    assert r0["baseBytes"] == r1["baseBytes"] == 2000 * 1024
 
 
 # ---- the real server -------------------------------------------------------------------
