@@ -12,8 +12,10 @@ trajectory (`LRAgentEndpoint` sends one per program state, and forks inherit it)
 places the trajectory on one worker behind the router and on one rank inside it.
 
 A key seen first goes to the rank with the fewest keys, so trajectories spread evenly; the
-map keeps the `CAPACITY` most recently used keys. A request with a `routed_dp_rank` of its
-own, or without a key, keeps SGLang's placement.
+map keeps the `CAPACITY` most recently used keys. With `--tokenizer-worker-num` > 1 each
+tokenizer process would keep a map of its own and could send one key to two ranks, so
+there the rank is a hash of the key, the same in every process (even only on average). A
+request with a `routed_dp_rank` of its own, or without a key, keeps SGLang's placement.
 
 Each scheduler also counts its requests per routing key (`served`, the `SERVED_KEYS` most
 recent keys), shown as `routing_keys` in `/lragent/stats`: where each trajectory ran.
@@ -21,6 +23,7 @@ recent keys), shown as `routing_keys` in `/lragent/stats`: where each trajectory
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -61,6 +64,17 @@ class TrajectoryPlacement:
             return rank
 
 
+class HashedPlacement:
+    """routing key -> DP rank by a stable hash: every tokenizer process agrees, no state."""
+
+    def __init__(self, dp_size: int) -> None:
+        self.dp_size = dp_size
+
+    def rank(self, key: str) -> int:
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % self.dp_size
+
+
 def routing_key(obj: Any, request: Any) -> str | None:
     """The request's routing key: its `routing_key` field, else the header."""
     key = getattr(obj, "routing_key", None)
@@ -69,12 +83,17 @@ def routing_key(obj: Any, request: Any) -> str | None:
     return key
 
 
-def placement_of(tm: Any) -> TrajectoryPlacement | None:
+def placement_of(tm: Any) -> TrajectoryPlacement | HashedPlacement | None:
     """The tokenizer manager's placement (created on first use); None with one rank or
     where our backends are not selected."""
     if "lragent_placement" not in tm.__dict__:
         args = tm.server_args
-        tm.lragent_placement = TrajectoryPlacement(args.dp_size) if args.dp_size > 1 and selected(args) else None
+        if args.dp_size < 2 or not selected(args):
+            tm.lragent_placement = None
+        elif args.tokenizer_worker_num > 1:
+            tm.lragent_placement = HashedPlacement(args.dp_size)
+        else:
+            tm.lragent_placement = TrajectoryPlacement(args.dp_size)
     return tm.lragent_placement
 
 
