@@ -165,6 +165,13 @@ def test_stats_count_the_scheduling_match_not_the_priority_pass():
     assert (counts["requests"], counts["base_hit_tokens"], counts["lr_hit_tokens"]) == (2, 9, 9)
 
 
+def test_stats_report_no_host_tier_without_one():
+    """The dashboard draws a host-tier panel from `host`; zeros would claim a tier that does nothing."""
+    s = Scheduler(Scheme.BASE_SHARED)
+    s.finish(s.prefill(PROMPT, "a"))
+    assert "host" not in s.cache.stats()
+
+
 def test_base_lr_shared_second_adapter_hits_the_shared_lr():
     s = Scheduler(Scheme.BASE_LR_SHARED)
     s.finish(s.prefill(PROMPT, "a"))

@@ -52,6 +52,8 @@ class LRPoolExhausted(RuntimeError):
 class LRAgentRadixCache(BasePrefixCache):
     """See module docstring. Needs `page_size == 1`."""
 
+    has_host_tier = False
+
     def __init__(self, params: Any, runtime: LRAgentRuntime) -> None:
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
@@ -276,6 +278,8 @@ class LRAgentRadixCache(BasePrefixCache):
         """The tree's statistics (per LR key), the per-adapter counters (keyed by lora_id)
         and LR pool occupancy, for metrics and /lragent/stats."""
         out = dict(self.tree.stats())
+        if not self.has_host_tier:
+            del out["host"]  # zeros would read as "a host tier that does nothing"
         out["per_adapter"] = self.adapter_stats.snapshot()
         if self.lr_pool is not None:
             out["lr_pool_size"] = self.lr_pool.size

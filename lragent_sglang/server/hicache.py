@@ -50,6 +50,8 @@ LOAD_BACK_THRESHOLD = 10
 class LRAgentHiRadixCache(LRAgentRadixCache):
     """`LRAgentRadixCache` with SGLang's host pool and HiCacheController (see module docstring)."""
 
+    has_host_tier = True
+
     def __init__(self, params: Any, runtime: LRAgentRuntime, server_args: Any) -> None:
         super().__init__(params, runtime)
         kv = self.token_to_kv_pool_allocator.get_kvcache()
