@@ -84,12 +84,29 @@ def test_good_requests_pass(fields):
 
 
 def test_validate_request_acts_only_with_our_backends():
-    tm = SimpleNamespace(server_args=SELECTED, context_len=CONTEXT,
+    tm = SimpleNamespace(server_args=SELECTED, context_len=CONTEXT, lora_ref_cache={"plan": None},
                          model_config=SimpleNamespace(vocab_size=VOCAB, hidden_size=HIDDEN))
     with pytest.raises(ValueError, match="input_ids"):  # SGLang answers a ValueError with 400
         guards.validate_request(tm, GenerateReqInput(input_ids=[VOCAB]))
+    guards.validate_request(tm, GenerateReqInput(input_ids=[[1], [2]], lora_path=["plan", None]))
+    with pytest.raises(ValueError, match=r"^lora_path 'act' is not a loaded adapter \(loaded: plan\)$"):
+        guards.validate_request(tm, GenerateReqInput(input_ids=[[1], [2]], lora_path=[None, "act"]))
     tm.server_args = SimpleNamespace(attention_backend="triton", radix_cache_backend=None)
     guards.validate_request(tm, GenerateReqInput(input_ids=[VOCAB]))
+
+
+def test_explicit_unload_forgets_the_adapter_unless_it_fails():
+    ref = LoRARef(lora_name="plan", lora_path="/p")
+
+    async def unload(tm, obj, success):
+        assert "plan" not in tm.lora_ref_cache  # forgotten before the unload starts
+        return SimpleNamespace(success=success)
+
+    for success, kept in ((True, False), (False, True)):
+        tm = SimpleNamespace(server_args=SELECTED, lora_ref_cache={"plan": ref})
+        obj = SimpleNamespace(lora_name="plan")
+        assert asyncio.run(guards.forget_on_unload(unload, tm, obj, success)).success is success
+        assert ("plan" in tm.lora_ref_cache) is kept
 
 
 # ---- the body limit ----------------------------------------------------------------------

@@ -210,6 +210,19 @@ def test_disconnected_adapter_requests_release_the_adapter(server, adapters):
     serves(server)
 
 
+def test_unloaded_adapter_stays_unloaded_until_loaded_again(server, adapters):
+    """SGLang loaded an unloaded adapter again from its old folder when a request named it
+    (`lora_ref_cache`): the request got the old weights and the next load of the name was
+    refused as "already loaded" (the GPU soak's hot swap never landed)."""
+    assert post(server, "/unload_lora_adapter", {"lora_name": "action"}).status_code == 200
+    body = {"input_ids": [100, 101, 102], "lora_path": "action", "sampling_params": SHORT}
+    assert refusal(post(server, "/generate", body)).startswith("lora_path 'action' is not a loaded adapter (loaded: ")
+    resp = post(server, "/load_lora_adapter", {"lora_name": "action", "lora_path": str(adapters["action"])})
+    assert resp.status_code == 200, resp.text
+    assert post(server, "/generate", body).status_code == 200
+    assert "'nobody' is not a loaded adapter" in refusal(post(server, "/generate", {**body, "lora_path": "nobody"}))
+
+
 # ---- last: still serving, nothing held ------------------------------------------------------
 
 

@@ -149,12 +149,41 @@ def check_request(obj: Any, vocab: int, context_len: int, hidden_size: int) -> N
     _check_lora_path(getattr(obj, "lora_path", None), single, n_prompts)
 
 
+def check_adapter_names(lora_path: Any, known: Any) -> None:
+    """Every adapter a (well-formed) `lora_path` names is one the server knows."""
+    for name in [lora_path] if isinstance(lora_path, str) else lora_path or []:
+        if name is not None and name not in known:
+            raise BadRequest(f"lora_path {name!r} is not a loaded adapter (loaded: {', '.join(sorted(known))})")
+
+
 def validate_request(tm: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     """BEFORE hook of `TokenizerManager.generate_request` (every route and the Engine API
-    pass through it): `check_request` with this model's sizes."""
+    pass through it): `check_request` with this model's sizes, then the adapter names
+    against those loaded or evicted by --max-loaded-loras (SGLang's `lora_ref_cache`)."""
     if selected(tm.server_args):
         cfg = tm.model_config
         check_request(obj, cfg.vocab_size, tm.context_len, cfg.hidden_size)
+        if tm.server_args.enable_lora:
+            check_adapter_names(getattr(obj, "lora_path", None), tm.lora_ref_cache)
+
+
+async def forget_on_unload(original: Any, tm: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook of `TokenizerManager.unload_lora_adapter` (the /unload_lora_adapter
+    route; --max-loaded-loras eviction calls the locked helper and is left alone).
+
+    SGLang remembers every adapter it loaded (`lora_ref_cache`) and loads an unloaded one
+    again from its old folder when a request names it. After an explicit unload that
+    serves the old weights, and under traffic that names the adapter the next
+    /load_lora_adapter of the name fails ("already loaded") again and again: a hot swap
+    never lands (the GPU soak, issue 17). The name is forgotten before the unload starts,
+    so requests naming it get a 400 until it is loaded again."""
+    if not selected(tm.server_args):
+        return await original(tm, obj, *args, **kwargs)
+    ref = tm.lora_ref_cache.pop(obj.lora_name, None)
+    result = await original(tm, obj, *args, **kwargs)
+    if not result.success and ref is not None:
+        tm.lora_ref_cache.setdefault(obj.lora_name, ref)
+    return result
 
 
 def _vet_adapter(name: str, path: str, server_args: Any, scheme: Scheme) -> None:

@@ -102,10 +102,14 @@ def request_guard_patches(rt: LRAgentRuntime) -> tuple[Patch, ...]:
     tm = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
     return (
         Patch(f"{tm}.generate_request", guards.validate_request, "before", always,
-              "refuse out-of-vocabulary ids, mistyped sampling_params and a lora_path list for one prompt "
+              "refuse out-of-vocabulary ids, mistyped sampling_params, a lora_path list for one prompt "
+              "and adapters not loaded "
               "with a one-line 400 before they reach the model (they kill the scheduler or end in a 500)"),
         Patch(f"{tm}.load_lora_adapter", partial(guards.check_adapter_load, rt), "around", always,
               "refuse a runtime adapter the launcher would refuse (missing folder, scheme rules) naming it"),
+        Patch(f"{tm}.unload_lora_adapter", guards.forget_on_unload, "around", always,
+              "an explicitly unloaded adapter stays unloaded: SGLang reloads its old weights when a request "
+              "names it, so a new load under the name fails while traffic names it"),
         Patch(f"{tm}.__init__", partial(body_limit.add_body_limit, rt), "after", always,
               "413 for request bodies above --lragent-max-body-mb before SGLang parses and tokenises them"),
         Patch(f"{tm}._resolve_lora_path", lora_usage.track_acquire, "around", always,
