@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -100,3 +103,23 @@ def test_apply_vocab_mask_takes_the_sampler_keyword_call():
     cpu_compat.apply_vocab_mask(lambda *a, **k: pytest.fail("CUDA path taken"), grammar,
                                 logits=logits, vocab_mask=mask)
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [1]
+
+
+def test_only_the_dp_controller_goes_to_the_lowest_priority():
+    """SGLang's DP controller polls without blocking; on 2 cores it starved the schedulers."""
+    import psutil
+
+    titled = "import setproctitle, time; setproctitle.setproctitle({!r}); time.sleep(60)"
+    procs = [subprocess.Popen([sys.executable, "-c", titled.format(title)])
+             for title in (cpu_compat.DP_CONTROLLER_TITLE, "sglang::scheduler_DP0")]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(" ".join(psutil.Process(p.pid).cmdline()).startswith("sglang::") for p in procs):
+            assert time.monotonic() < deadline, "the children never set their titles"
+            time.sleep(0.1)
+        cpu_compat.lower_dp_controller_priority()
+        assert [psutil.Process(p.pid).nice() for p in procs] == [19, os.nice(0)]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

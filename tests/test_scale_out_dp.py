@@ -7,7 +7,6 @@ our placement keeps each trajectory on one rank, with a single rank's cached fra
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -18,12 +17,6 @@ import requests
 from lragent_sglang.agents.server_process import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-# Two schedulers and SGLang's DP controller, all polling, on two cores served the trace at
-# ~2 prompt tokens/s (2026-12-02): well over 15 minutes for this module, more than CI's
-# budget allows. It runs where there are more cores.
-needs_cores = pytest.mark.skipif((os.cpu_count() or 1) < 4, reason="--dp-size 2 on CPU needs 4+ cores "
-                                 "(two schedulers and the DP controller poll; 2 cores take 15+ min)")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_scale_out_router import run_agents, worker_flags  # noqa: E402
 
@@ -50,7 +43,6 @@ def per_rank_requests(body: dict) -> list[int]:
     return [sum(a["requests"] for a in s.get("per_adapter", {}).values()) for s in body["schedulers"]]
 
 
-@needs_cores
 def test_dp_placement(dp_server, run_keyed_trajectories):
     run = uuid.uuid4().hex[:8]
     requests.post(dp_server.url + "/flush_cache", timeout=60).raise_for_status()

@@ -17,6 +17,9 @@ Stock 0.5.17 does not start there; five small things block it (see the README se
 5. Our attention backend's name reaching Triton-only helpers (`support_triton`,
    `get_last_loc`): on CPU they take their torch paths.
 
+With `--dp-size` > 1 the data-parallel controller, which never stops polling, runs at the
+lowest CPU priority (`lower_dp_controller_priority`).
+
 Spawned scheduler and detokenizer processes import SGLang modules while unpickling their
 start function, before `load_plugins()` runs, so (2) must already be in place then: a
 hook on `Engine.launch_subprocesses` swaps those start functions for the ones below,
@@ -25,6 +28,7 @@ which patch first.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -169,7 +173,26 @@ def get_last_loc(original: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
 def launch_subprocesses(original: Callable, *args: Any, **kwargs: Any) -> Any:
     kwargs["run_scheduler_process_func"] = run_scheduler_process
     kwargs["run_detokenizer_process_func"] = run_detokenizer_process
-    return original(*args, **kwargs)
+    result = original(*args, **kwargs)
+    lower_dp_controller_priority()
+    return result
+
+
+DP_CONTROLLER_TITLE = "sglang::data_parallel_controller"
+
+
+def lower_dp_controller_priority() -> None:
+    """SGLang's data-parallel controller (`--dp-size` > 1) polls its socket without ever
+    blocking: a core at 100% even when idle. On a CPU machine that core is one the
+    schedulers need to run the model (2 cores: requests 3x slower). At the lowest
+    priority it takes only what they leave. Its schedulers, started before, keep theirs."""
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if DP_CONTROLLER_TITLE in " ".join(proc.cmdline()):
+                proc.nice(19)
+                logger.info("data-parallel controller (pid %d) at the lowest CPU priority", proc.pid)
 
 
 def use_cpu_engine() -> None:
