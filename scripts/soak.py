@@ -98,6 +98,7 @@ def generate(url: str, ids: list[int], role: str | None, n_gen: int, stream: boo
         payload["lora_path"] = role
     with requests.post(url + "/generate", json=payload, stream=stream, timeout=1800) as resp:
         if resp.status_code != 200:
+            logger.info("role %s: %d %s", role, resp.status_code, resp.text[:200])
             return resp.status_code, [], 0
         if not stream:
             out = resp.json()
@@ -108,8 +109,10 @@ def generate(url: str, ids: list[int], role: str | None, n_gen: int, stream: boo
             if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
                 continue
             last = json.loads(line[5:])
-            if "error" in last:
-                return 500, [], 0
+            if "error" in last:  # SGLang's error event (a refusal after the stream began)
+                logger.info("role %s: streamed error %s", role, last["error"])
+                error = last["error"]
+                return int(error.get("code", 500)) if isinstance(error, dict) else 500, [], 0
             chunks += 1
             if leave_after is not None and chunks >= leave_after:
                 break  # closing the connection is the client leaving
@@ -285,7 +288,7 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"\nsoak: {args.concurrency} concurrent trajectories, context {args.context[0]}-{args.context[1]}, "
           f"{args.duration:.0f} s, adapter '{args.churn_name}' reloaded every {args.churn_period:.0f} s")
     head = (f"{'scheme':16s} {'min':>5s} {'traj':>6s} {'good req':>8s} {'failed':>6s} {'bad 4xx':>9s} "
-            f"{'left':>5s} {'reloads':>7s} {'races':>5s} {'gen tok':>9s} {'cached':>6s} {'pools':>6s} {'reload':>6s} "
+            f"{'left':>5s} {'reloads':>7s} {'races':>5s} {'refused':>7s} {'gen tok':>9s} {'cached':>6s} {'pools':>6s} {'reload':>6s} "
             f"{'probes':>7s} {'ok':>3s}")
     print(head)
     for r in results:
@@ -293,6 +296,7 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
         cached = r.get("cached_tokens", 0) / r["prompt_tokens"] if r.get("prompt_tokens") else 0.0
         print(f"{r['scheme']:16s} {r['wall_s'] / 60:5.1f} {r.get('trajectories', 0):6d} {r.get('requests', 0):8d} "
               f"{r.get('failed', 0):6d} {bad:>9s} {r.get('left', 0):5d} {r.get('reloads', 0):7d} {r.get('reload_races', 0):5d} "
+              f"{r.get('churn_refused', 0):7d} "
               f"{r.get('generated', 0):9d} {cached:6.2f} {'whole' if r['pools']['whole'] else 'HELD':>6s} "
               f"{'equal' if r['reload_equal'] else 'DIFF':>6s} {r['probes_equal']:>3d}/{r['probes']:<3d} "
               f"{'yes' if r['ok'] else 'NO':>3s}")
