@@ -171,32 +171,23 @@ def churn(url: str, name: str, folders: list[str], deadline: float, period: floa
             return
 
 
-def reload(url: str, name: str, folder: str, soak: Soak, attempts: int = 10) -> bool:
+def reload(url: str, name: str, folder: str, soak: Soak) -> bool:
     """Unload then load adapter `name` from `folder`; False (a failure) if either is refused.
-
-    SGLang loads an unloaded adapter again from its last folder when a request names it
-    (`lora_ref_cache`), so under traffic a request can slip in between the two calls; the
-    load then answers "already loaded" and the pair is tried again (counted as a race)."""
-    for _ in range(attempts):
-        for path, body in (("/unload_lora_adapter", {"lora_name": name}),
-                           ("/load_lora_adapter", {"lora_name": name, "lora_path": folder})):
-            try:
-                resp = requests.post(url + path, json=body, timeout=600)
-            except requests.RequestException as exc:
-                soak.fail(f"{path}: {exc}")
-                return False
-            if resp.status_code != 200:
-                break
-        else:
-            soak.add(reloads=1)
-            return True
-        if path == "/load_lora_adapter" and "already loaded" in resp.text:
-            soak.add(reload_races=1)
-            continue
-        soak.fail(f"{path} {name}: {resp.status_code} {resp.text[:200]}")
-        return False
-    soak.fail(f"{name} not reloaded in {attempts} attempts: requests kept loading it again")
-    return False
+    A request naming `name` between the two gets a 400 (it is not loaded), so the load must
+    land: stock SGLang loaded the old weights again for such a request and the new load
+    answered "already loaded"."""
+    for path, body in (("/unload_lora_adapter", {"lora_name": name}),
+                       ("/load_lora_adapter", {"lora_name": name, "lora_path": folder})):
+        try:
+            resp = requests.post(url + path, json=body, timeout=600)
+        except requests.RequestException as exc:
+            soak.fail(f"{path}: {exc}")
+            return False
+        if resp.status_code != 200:
+            soak.fail(f"{path} {name}: {resp.status_code} {resp.text[:200]}")
+            return False
+    soak.add(reloads=1)
+    return True
 
 
 def probe_set(url: str, roles: list[str], vocab: int) -> list[list[int]]:
@@ -288,14 +279,14 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"\nsoak: {args.concurrency} concurrent trajectories, context {args.context[0]}-{args.context[1]}, "
           f"{args.duration:.0f} s, adapter '{args.churn_name}' reloaded every {args.churn_period:.0f} s")
     head = (f"{'scheme':16s} {'min':>5s} {'traj':>6s} {'good req':>8s} {'failed':>6s} {'bad 4xx':>9s} "
-            f"{'left':>5s} {'reloads':>7s} {'races':>5s} {'refused':>7s} {'gen tok':>9s} {'cached':>6s} {'pools':>6s} {'reload':>6s} "
+            f"{'left':>5s} {'reloads':>7s} {'refused':>7s} {'gen tok':>9s} {'cached':>6s} {'pools':>6s} {'reload':>6s} "
             f"{'probes':>7s} {'ok':>3s}")
     print(head)
     for r in results:
         bad = f"{r.get('bad_4xx', 0)}/{r.get('bad', 0)}"
         cached = r.get("cached_tokens", 0) / r["prompt_tokens"] if r.get("prompt_tokens") else 0.0
         print(f"{r['scheme']:16s} {r['wall_s'] / 60:5.1f} {r.get('trajectories', 0):6d} {r.get('requests', 0):8d} "
-              f"{r.get('failed', 0):6d} {bad:>9s} {r.get('left', 0):5d} {r.get('reloads', 0):7d} {r.get('reload_races', 0):5d} "
+              f"{r.get('failed', 0):6d} {bad:>9s} {r.get('left', 0):5d} {r.get('reloads', 0):7d} "
               f"{r.get('churn_refused', 0):7d} "
               f"{r.get('generated', 0):9d} {cached:6.2f} {'whole' if r['pools']['whole'] else 'HELD':>6s} "
               f"{'equal' if r['reload_equal'] else 'DIFF':>6s} {r['probes_equal']:>3d}/{r['probes']:<3d} "
