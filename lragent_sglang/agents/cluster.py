@@ -32,13 +32,17 @@ POLICIES = ("manual", "cache_aware", "round_robin", "random", "power_of_two")
 POLICY_FLAGS: dict[str, tuple[str, ...]] = {"manual": ("--assignment-mode", "min_group")}
 
 
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"router policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+
+
 class RouterProcess:
     """`python -m sglang_router.launch_router` on 127.0.0.1 over `worker_urls`."""
 
     def __init__(self, worker_urls: Sequence[str], policy: str, extra: Sequence[str] = (),
                  startup_timeout: float = 180.0, log_path: Path | None = None) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"router policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        check_policy(policy)
         self.worker_urls = list(worker_urls)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -106,6 +110,7 @@ class Cluster:
                  startup_timeout: float = 600.0, env: dict[str, str] | None = None) -> None:
         if n < 1:
             raise ValueError(f"a cluster needs at least one worker, got {n}")
+        check_policy(policy)
         log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="lragent-cluster-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         self.workers = [
@@ -113,14 +118,18 @@ class Cluster:
                           env=env, log_path=log_dir / f"worker{i}.log")
             for i in range(n)
         ]
-        self.router = RouterProcess([w.url for w in self.workers], policy, router_args,
-                                    log_path=log_dir / "router.log")
-        self.url = self.router.url
+        self.policy, self.router_args, self.log_dir = policy, tuple(router_args), log_dir
+        self.router: RouterProcess | None = None
+        self.url = ""
 
     def start(self) -> "Cluster":
+        """Workers first (a worker may move to another port while starting), then the router."""
         try:
             for worker in self.workers:
                 worker.start()
+            self.router = RouterProcess([w.url for w in self.workers], self.policy, self.router_args,
+                                        log_path=self.log_dir / "router.log")
+            self.url = self.router.url
             self.router.start()
         except BaseException:
             self.stop()
@@ -128,7 +137,8 @@ class Cluster:
         return self
 
     def stop(self) -> None:
-        self.router.stop()
+        if self.router is not None:
+            self.router.stop()
         for worker in self.workers:
             worker.stop()
 

@@ -1,7 +1,7 @@
 """Start our launcher as a child process, wait until it serves, and always stop it.
 
 Used by the README demo, the tests and notebooks. The server runs in its own process
-group on 127.0.0.1 with an ephemeral port, so stopping it kills SGLang's scheduler and
+group on 127.0.0.1 on a free port, so stopping it kills SGLang's scheduler and
 detokenizer processes too, whatever state they are in.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,15 +24,39 @@ import requests
 logger = logging.getLogger(__name__)
 
 
-def free_port() -> int:
-    """An ephemeral TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# What uvicorn logs when the port was taken between free_port() and its bind; SGLang then
+# hangs in shutdown instead of exiting, so the log is the only quick sign.
+BIND_FAILED = "error while attempting to bind on address"
+START_ATTEMPTS = 3
 
 
 class ServerError(RuntimeError):
     """The server exited or never became healthy; the message holds its log's tail."""
+
+
+class PortTaken(ServerError):
+    """Another socket took the chosen port before the server could listen on it."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now, below the kernel's ephemeral range.
+
+    A port from the ephemeral range (what bind(0) gives) can be taken as the local port of
+    any outgoing connection during the seconds SGLang needs before it listens; the CI saw
+    exactly that. Ports below the range are only ever taken by an explicit bind.
+    """
+    low = int(LOCAL_PORT_RANGE.read_text().split()[0]) if LOCAL_PORT_RANGE.exists() else 32768
+    rng = random.Random(os.urandom(8))
+    for _ in range(200):
+        port = rng.randrange(10000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServerError(f"no free TCP port on 127.0.0.1 in 10000..{low - 1}")
 
 
 class ServerProcess:
@@ -48,16 +73,30 @@ class ServerProcess:
         log_path: Path | None = None,
         module: str = "lragent_sglang.server.launch_server",
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [*args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.launch_args = list(args)
         self.startup_timeout = startup_timeout
         self.env = {**os.environ, **(env or {})}
         self.module = module
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="lragent-server-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
+        self._pick_port()
+
+    def _pick_port(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [*self.launch_args, "--host", "127.0.0.1", "--port", str(self.port)]
 
     def start(self) -> "ServerProcess":
+        """Launch and wait for /health; a port lost to another socket gets a new one."""
+        for _ in range(START_ATTEMPTS - 1):
+            try:
+                return self._launch()
+            except PortTaken:
+                logger.warning("port %d was taken before the server listened; retrying", self.port)
+                self._pick_port()
+        return self._launch()
+
+    def _launch(self) -> "ServerProcess":
         logger.info("starting %s on %s (log: %s)", self.module, self.url, self.log_path)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -83,6 +122,10 @@ class ServerProcess:
                 tail = self.log_tail()
                 self.stop()
                 raise ServerError(f"server exited with code {self.proc.returncode}:\n{tail}")
+            if BIND_FAILED in self.log_tail():
+                tail = self.log_tail()
+                self.stop()
+                raise PortTaken(f"port {self.port} was taken before the server listened:\n{tail}")
             try:
                 if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     logger.info("server ready on %s", self.url)
