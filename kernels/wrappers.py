@@ -208,13 +208,16 @@ class FlashLoRACascadeDecodeWrapper(FlashLoRADecodeWrapper):
     ``lr_shared``: the LR rows of a shared prefix are shared too (base-lr-shared's one LR
     cache): level 1 reads L once per member block, and the group finder ends a group's
     prefix where the members' LR slots differ. False (base-shared: an LR cache per
-    adapter): level 1 reads each member's own L rows.
+    adapter): level 1 reads each member's own L rows. ``members``: requests per level-1
+    program (default ``members_per_block``'s choice; a tuning knob, see
+    ``bench_kernels.py --part sweep-cascade``).
     """
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
                  min_shared_len: int = 256, min_group_size: int = 2, lr_shared: bool = True,
                  max_batch_size: int = 256, workspace_rows: int = 2048,
-                 prefix_config: DecodeConfig | None = None, **kwargs) -> None:
+                 prefix_config: DecodeConfig | None = None, members: int | None = None,
+                 **kwargs) -> None:
         super().__init__(num_qo_heads, num_kv_heads, head_dim, max_batch_size=max_batch_size,
                          workspace_rows=workspace_rows, **kwargs)
         if min_group_size < 2 or min_shared_len < 1:
@@ -223,7 +226,9 @@ class FlashLoRACascadeDecodeWrapper(FlashLoRADecodeWrapper):
         self.lr_shared = lr_shared
         self.prefix_config = prefix_config
         group = num_qo_heads // num_kv_heads
-        self.members_per_block = members_per_block(group, not lr_shared, head_dim)
+        if members is not None and members < 2:
+            raise ValueError(f"a level-1 program takes at least 2 members, got {members}")
+        self.members_per_block = members or members_per_block(group, not lr_shared, head_dim)
         self._block_m = prefix_rows_block(group, self.members_per_block)
         self._max_bs = max_batch_size
         i32 = dict(dtype=torch.int32, device=self.device)

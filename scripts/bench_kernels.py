@@ -24,7 +24,8 @@ our cascade decode (kernels/cascade.py) with the prefix's LR rows shared (base-l
 and one copy per adapter (base-shared), LR on and off, against our plain decode (the
 current one), FlashInfer's two-level ``MultiLevelCascadeAttentionWrapper`` (LR off) and
 its plain batch decode (LR off); plus the per-step group search, and the bytes of K /
-V_base each reads.
+V_base each reads. ``--part sweep-cascade``: level-1 options (members per program, tiles,
+chunk counts) for the same cases, each against the plain decode in the same run.
 
 Prints the tables last and writes every number to JSON (``--out``, default $OUT/...).
 """
@@ -262,19 +263,25 @@ class ForkBatch:
         if device == "cuda":
             torch.cuda.synchronize()  # graph timing runs on a side stream (see Pools)
 
-    def planned(self, cascade: bool, lr_shared: bool = True) -> FlashLoRADecodeWrapper:
-        """Our plain decode wrapper, or the cascade one, planned for this batch."""
+    def planned(self, cascade: bool, lr_shared: bool = True, members: int | None = None,
+                prefix_config: DecodeConfig | None = None,
+                num_prefix_chunks: int | None = None) -> FlashLoRADecodeWrapper:
+        """Our plain decode wrapper, or the cascade one (level-1 options: the wrapper's
+        defaults unless given), planned for this batch."""
         s, dev = self.shape, self.q.device
         lr_idx = self.lr_shared if lr_shared else self.lr_per_adapter
-        if cascade:
-            w = FlashLoRACascadeDecodeWrapper(s.n_qo, s.n_kv, s.head_dim, lr_shared=lr_shared,
-                                              min_shared_len=self.min_shared,
-                                              max_batch_size=self.forks, device=dev)
-        else:
+        max_kv_len = self.prefix + self.suffix
+        if not cascade:
             w = FlashLoRADecodeWrapper(s.n_qo, s.n_kv, s.head_dim, max_batch_size=self.forks,
                                        device=dev)
+            w.plan(self.kv_indptr, self.kv_indices, lr_idx, self.adapters, logit_cap=s.logit_cap,
+                   max_kv_len=max_kv_len)
+            return w
+        w = FlashLoRACascadeDecodeWrapper(s.n_qo, s.n_kv, s.head_dim, lr_shared=lr_shared,
+                                          min_shared_len=self.min_shared, max_batch_size=self.forks,
+                                          device=dev, members=members, prefix_config=prefix_config)
         w.plan(self.kv_indptr, self.kv_indices, lr_idx, self.adapters, logit_cap=s.logit_cap,
-               max_kv_len=self.prefix + self.suffix)
+               max_kv_len=max_kv_len, num_prefix_chunks=num_prefix_chunks)
         return w
 
     def run(self, w: FlashLoRADecodeWrapper, rank: int | None = None) -> torch.Tensor:
@@ -512,6 +519,58 @@ def sweep_decode(shape: Shape, rank: int) -> list[dict]:
     return rows
 
 
+CASCADE_TILES = ((32, 4, 2), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2))
+# An option whose output is further than this from the plain decode's (bf16: the cascade's
+# LSE merge alone differs by ~0.006) is wrong, whatever its speed.
+SWEEP_TOLERANCE = 0.02
+
+
+def sweep_cascade(shape: Shape, forks: int, prefix: int, suffix: int, rank: int,
+                  device: str = "cuda", dtype: torch.dtype = DTYPE, min_shared: int = 256) -> list[dict]:
+    """Level-1 options for one fork case, LR on (``rank``, shared LR rows): members per
+    program x tiles at the wrapper's chunk count, then chunk counts at its default tiles.
+    Each row: the time, ``x_plain`` (the plain decode's time in the same run over it) and
+    the relative difference to the plain decode's output (a wrong option shows there)."""
+    fb = ForkBatch(shape, forks, prefix, suffix, [rank], device, dtype, min_shared)
+    plain = fb.planned(False)
+    ref = fb.run(plain, rank).float().clone()
+    t_plain = bench(lambda: fb.run(plain, rank), graph=True)
+    default = fb.planned(True)
+    if not default.cascade:
+        raise ValueError(f"{forks} x {prefix} forms no cascade group (min_shared {min_shared})")
+    group = shape.n_qo // shape.n_kv
+    members = sorted({m for m in (2, 4, 8, 16) if group * m <= 64} | {default.members_per_block})
+    options = [dict(members=m, prefix_config=DecodeConfig(block_n=n, num_warps=w, num_stages=st))
+               for m in members for n, w, st in CASCADE_TILES]
+    free_slots = default.max_kv_splits - default.num_kv_splits
+    options += [dict(num_prefix_chunks=c) for c in (8, 16, 32, 64) if c <= free_slots]
+    rows = []
+    for opt in [{}, *options]:
+        w = fb.planned(True, **opt)
+        cfg = opt.get("prefix_config")
+        row = dict(shape=shape.name, forks=forks, prefix=prefix, suffix=suffix, rank=rank,
+                   members=w.members_per_block, chunks=w.num_prefix_chunks,
+                   tiles=None if cfg is None else [cfg.block_n, cfg.num_warps, cfg.num_stages],
+                   default=not opt, plain=t_plain)
+        try:
+            out = fb.run(w, rank).float()
+        except Exception as exc:  # noqa: BLE001 (an option may not compile: spills, smem)
+            logger.warning("cascade option %s failed: %s", opt, exc)
+            rows.append(row)
+            continue
+        row["rel_diff"] = (out - ref).abs().max().item() / ref.abs().max().item()
+        row["ms"] = try_bench(f"cascade {opt}", lambda: fb.run(w, rank), graph=True)
+        row["x_plain"] = None if row["ms"] is None else t_plain / row["ms"]
+        rows.append(row)
+        print(f"sweep-cascade {shape.name} {forks}x{prefix}+{suffix} members {row['members']} "
+              f"tiles {row['tiles'] or 'default'} chunks {row['chunks']}: "
+              f"{fmt(row['ms'], '.4f')} ms (plain {t_plain:.4f})", flush=True)
+    del fb
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def profile_decode(shape: Shape, batch: int, ctx: int, rank: int) -> list[Callable[[], object]]:
     """An LR-off and an LR-on decode call over shuffled pools (see ``profile``)."""
     d = DecodeBatch(shape, batch, ctx, [rank])
@@ -621,16 +680,45 @@ def cascade_table(rows: list[dict], ranks: list[int], copy_gbs: float) -> str:
     return "\n".join(lines)
 
 
+def sweep_cascade_table(rows: list[dict]) -> str:
+    """The best level-1 option per case next to the wrapper's default."""
+    lines = ["| shape | forks x (prefix + suffix) | R | plain ms | default: members, chunks, ms "
+             "(x plain) | best: members, tiles, chunks, ms (x plain) |", "| --- " * 6 + "|"]
+    cases: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cases.setdefault((row["shape"], row["forks"], row["prefix"], row["suffix"], row["rank"]),
+                         []).append(row)
+    for (name, forks, prefix, suffix, rank), group in cases.items():
+        timed = [r for r in group if r.get("ms") is not None and r["rel_diff"] < SWEEP_TOLERANCE]
+        if not timed:
+            continue
+        best = min(timed, key=lambda r: r["ms"])
+        default = next((r for r in timed if r["default"]), best)
+        lines.append(f"| {name} | {forks} x ({prefix} + {suffix}) | {rank} | {best['plain']:.4f} | "
+                     f"{default['members']}, {default['chunks']}, {default['ms']:.4f} "
+                     f"({default['x_plain']:.2f}x) | {best['members']}, {best['tiles'] or 'default'}, "
+                     f"{best['chunks']}, {best['ms']:.4f} ({best['x_plain']:.2f}x) |")
+    return "\n".join(lines)
+
+
+def fork_case(case: str) -> tuple[int, int, int]:
+    """``FORKSxPREFIX+SUFFIX`` -> (forks, prefix, suffix)."""
+    forks, rest = case.split("x")
+    prefix, suffix = rest.split("+")
+    return int(forks), int(prefix), int(suffix)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", default="all", choices=(
-        "decode", "extend", "all", "sweep", "profile", "profile-extend", "cascade"))
+        "decode", "extend", "all", "sweep", "profile", "profile-extend", "cascade",
+        "sweep-cascade"))
     ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 24, 64])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--forks", nargs="+", default=["8x32768+256", "32x8192+256"],
-                    help="--part cascade: FORKSxPREFIX+SUFFIX cases")
+                    help="--part cascade / sweep-cascade: FORKSxPREFIX+SUFFIX cases")
     ap.add_argument("--extend-len", type=int, default=1024)
     ap.add_argument("--max-extend-tokens", type=int, default=64 * 32768,
                     help="skip extend shapes with more cached+new tokens than this")
@@ -657,8 +745,9 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs()
     meta["copy_gbs"] = copy_gbs
     logger.info("%s, copy bandwidth %.0f GB/s", props.name, copy_gbs)
-    sgl = load_sglang() if args.part != "sweep" else {}
-    fi = load_flashinfer() if args.part != "sweep" else None
+    sweeping = args.part.startswith("sweep")
+    sgl = load_sglang() if not sweeping else {}
+    fi = load_flashinfer() if not sweeping else None
     if fi is not None:
         meta["flashinfer"] = fi.__version__
     result: dict = dict(meta=meta, decode=[], extend=[], sweep=[], cascade=[])
@@ -694,18 +783,22 @@ def main() -> None:
                     logger.info("extend %s", result["extend"][-1])
                     save()
         tables.append(extend_table(result["extend"], args.ranks))
-    if args.part == "cascade":
+    if args.part in ("cascade", "sweep-cascade"):
         for shape in shapes:
             if shape.window is not None:  # windowed layers take the plain decode
                 continue
-            for case in args.forks:
-                forks, rest = case.split("x")
-                prefix, suffix = rest.split("+")
-                result["cascade"].append(cascade_shape(shape, int(forks), int(prefix), int(suffix),
-                                                       args.ranks, fi))
-                logger.info("cascade %s", result["cascade"][-1])
+            for forks, prefix, suffix in map(fork_case, args.forks):
+                if args.part == "sweep-cascade":
+                    result["sweep"] += sweep_cascade(shape, forks, prefix, suffix, args.ranks[0])
+                else:
+                    result["cascade"].append(cascade_shape(shape, forks, prefix, suffix,
+                                                           args.ranks, fi))
+                    logger.info("cascade %s", result["cascade"][-1])
                 save()
-        tables.append(cascade_table(result["cascade"], args.ranks, copy_gbs))
+        if args.part == "cascade":
+            tables.append(cascade_table(result["cascade"], args.ranks, copy_gbs))
+        else:
+            tables.append(sweep_cascade_table(result["sweep"]))
     save()
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"flashinfer {meta.get('flashinfer', 'n/a')}")
