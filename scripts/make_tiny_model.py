@@ -337,19 +337,23 @@ def random_prompts(n: int = 3, lens: tuple[int, ...] = (60, 45, 24), seed: int =
     return [[rng.randrange(*vocab) for _ in range(lens[i % len(lens)])] for i in range(n)]
 
 
-def hf_greedy_ids(model_dir: str | Path, adapter_dir: str | Path | None, prompts: list[list[int]],
-                  new_tokens: int) -> list[list[int]]:
-    """Float32 greedy continuations of token-id prompts from transformers (+ peft), eager
-    attention (the reference the server must equal token for token)."""
+def _hf_model(model_dir: str | Path, adapter_dir: str | Path | None, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                  attn_implementation=HF_ATTN_IMPLEMENTATION)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
+    return model.eval()
+
+
+def hf_greedy_ids(model_dir: str | Path, adapter_dir: str | Path | None, prompts: list[list[int]],
+                  new_tokens: int, dtype: torch.dtype = torch.float32) -> list[list[int]]:
+    """Greedy continuations of token-id prompts from transformers (+ peft), eager attention
+    (in float32: the reference the server must equal token for token)."""
+    model = _hf_model(model_dir, adapter_dir, dtype)
     outs = []
     for ids in prompts:
         x = torch.tensor([ids])
@@ -358,6 +362,27 @@ def hf_greedy_ids(model_dir: str | Path, adapter_dir: str | Path | None, prompts
                                  do_sample=False, eos_token_id=None, pad_token_id=SPECIAL_IDS["pad_token_id"])
         outs.append(gen[0, len(ids):].tolist())
     return outs
+
+
+def hf_regret(model_dir: str | Path, adapter_dir: str | Path | None, prompts: list[list[int]],
+              outputs: list[list[int]]) -> list[float]:
+    """Per output token, how much worse than float32's own choice it is: transformers (+ peft)
+    in float32 reads prompt + output (teacher-forced) and each token scores
+    ``max logp - logp(token)`` at its position (0 where float32 would pick it too).
+
+    Unlike token agreement this judges every token of a run on the run's own path, so a
+    bf16 run stays comparable after its first near-tie flip: on the tiny Gemma-2, HF's own
+    bf16 run scores a mean of ~0.5, a run with the wrong adapter ~9."""
+    model = _hf_model(model_dir, adapter_dir, torch.float32)
+    regret: list[float] = []
+    for ids, out in zip(prompts, outputs, strict=True):
+        if not out:
+            continue
+        with torch.no_grad():
+            logp = model(torch.tensor([ids + out])).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor(out)[:, None])[:, 0]
+        regret += (logp.max(-1).values - chosen).tolist()
+    return regret
 
 
 def main(argv: list[str] | None = None) -> None:
