@@ -413,8 +413,12 @@ def decode_shape(shape: Shape, batch: int, ctx: int, ranks: list[int], sgl: dict
         torch.cuda.synchronize()
         logits = torch.empty(batch, shape.n_qo, max_splits, d, dtype=torch.float32, device="cuda")
         lse = torch.empty(batch, shape.n_qo, max_splits, dtype=torch.float32, device="cuda")
+        # int64 as SGLang's backend passes them: its kernels multiply the loaded slot by the
+        # row stride in the index dtype, and 2M slots x 2,048 elements (Gemma-2, 64 x 32k)
+        # overflow int32 (the likely cause of the 2026-12-02 run's illegal memory access)
+        sgl_indices = kv_indices.long()
         res["sglang"] = try_bench("sglang decode", lambda: sgl["decode"](
-            q, pools.k, pools.v, out, kv_indptr, kv_indices, logits, lse, num_splits,
+            q, pools.k, pools.v, out, kv_indptr, sgl_indices, logits, lse, num_splits,
             max_splits, scale, 1.0, 1.0, logit_cap=shape.logit_cap), graph=True)
     if fi is not None:
         def fi_setup():
@@ -462,8 +466,9 @@ def extend_shape(shape: Shape, batch: int, ctx: int, ext: int, ranks: list[int],
         res[f"materialise_lr{r}"] = bench(materialised, **rep)
 
     if sgl and shape.window is None:
+        sgl_indices = e.kv_indices.long()  # as SGLang's backend passes them (see decode_shape)
         res["sglang"] = try_bench("sglang extend", lambda: sgl["extend"](
-            q, e.k_ext, e.v_ext, out, pools.k, pools.v, e.qo_indptr, e.kv_indptr, e.kv_indices,
+            q, e.k_ext, e.v_ext, out, pools.k, pools.v, e.qo_indptr, e.kv_indptr, sgl_indices,
             None, True, None, ext, 1.0, 1.0, sm_scale=scale, logit_cap=shape.logit_cap), **rep)
     if fi is not None:
         try:
