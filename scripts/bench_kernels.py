@@ -127,21 +127,23 @@ def copy_bandwidth_gbs() -> float:
 class Pools:
     """K / V_base pools and an LR pool per rank with shuffled slots for ``lens`` tokens."""
 
-    def __init__(self, shape: Shape, n_tokens: int, ranks: list[int], seed: int = 0) -> None:
+    def __init__(self, shape: Shape, n_tokens: int, ranks: list[int], seed: int = 0,
+                 device: str = "cuda") -> None:
         torch.manual_seed(seed)
         self.shape = shape
         n_kv, d = shape.n_kv, shape.head_dim
         slots = n_tokens + 1  # slot 0 is SGLang's padding slot
-        self.k = torch.randn(slots, n_kv, d, dtype=DTYPE, device="cuda")
-        self.v = torch.randn(slots, n_kv, d, dtype=DTYPE, device="cuda")
-        self.slot_of = (torch.randperm(n_tokens, device="cuda") + 1).to(torch.int32)
-        self.lr_slot_of = (torch.randperm(n_tokens, device="cuda") + 1).to(torch.int32)
-        self.lr = {r: torch.randn(slots, r, dtype=DTYPE, device="cuda") for r in ranks}
-        self.b = {r: (torch.randn(N_ADAPTERS, n_kv, r, d, device="cuda") * 0.3 / math.sqrt(r)).to(DTYPE)
+        self.k = torch.randn(slots, n_kv, d, dtype=DTYPE, device=device)
+        self.v = torch.randn(slots, n_kv, d, dtype=DTYPE, device=device)
+        self.slot_of = (torch.randperm(n_tokens, device=device) + 1).to(torch.int32)
+        self.lr_slot_of = (torch.randperm(n_tokens, device=device) + 1).to(torch.int32)
+        self.lr = {r: torch.randn(slots, r, dtype=DTYPE, device=device) for r in ranks}
+        self.b = {r: (torch.randn(N_ADAPTERS, n_kv, r, d, device=device) * 0.3 / math.sqrt(r)).to(DTYPE)
                   for r in ranks}
         self.v_mat = torch.empty_like(self.v)
         # do_bench_cudagraph times on a side stream: the inputs must be written before it.
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def materialise(self, rank: int, token_pos: torch.Tensor, tokens_per_req: int,
                     adapter_of_req: torch.Tensor) -> None:
@@ -157,22 +159,26 @@ class Pools:
 class DecodeBatch:
     """One query token per request over ``ctx`` cached tokens each, in shuffled pools."""
 
-    def __init__(self, shape: Shape, batch: int, ctx: int, ranks: list[int]) -> None:
+    def __init__(self, shape: Shape, batch: int, ctx: int, ranks: list[int],
+                 device: str = "cuda") -> None:
         self.shape, self.batch, self.ctx = shape, batch, ctx
-        self.pools = Pools(shape, batch * ctx, ranks)
-        self.kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
-        self.adapters = torch.arange(batch, device="cuda", dtype=torch.int32) % N_ADAPTERS
-        self.q = torch.randn(batch, shape.n_qo, shape.head_dim, dtype=DTYPE, device="cuda")
+        self.pools = Pools(shape, batch * ctx, ranks, device=device)
+        self.kv_indptr = torch.arange(batch + 1, device=device, dtype=torch.int32) * ctx
+        self.adapters = torch.arange(batch, device=device, dtype=torch.int32) % N_ADAPTERS
+        self.q = torch.randn(batch, shape.n_qo, shape.head_dim, dtype=DTYPE, device=device)
         self.out = torch.empty_like(self.q)
-        torch.cuda.synchronize()  # graph timing runs on a side stream (see Pools)
+        if device == "cuda":
+            torch.cuda.synchronize()  # graph timing runs on a side stream (see Pools)
 
-    def planned(self, config: DecodeConfig | None = None) -> FlashLoRADecodeWrapper:
-        """Our decode wrapper planned for this batch (default tiles unless ``config``)."""
+    def planned(self, config: DecodeConfig | None = None,
+                num_kv_splits: int | None = None) -> FlashLoRADecodeWrapper:
+        """Our decode wrapper planned for this batch (default tiles and split count unless
+        ``config`` / ``num_kv_splits``)."""
         s = self.shape
         w = FlashLoRADecodeWrapper(s.n_qo, s.n_kv, s.head_dim, max_batch_size=self.batch,
-                                   config=config)
+                                   config=config, device=self.q.device)
         w.plan(self.kv_indptr, self.pools.slot_of, self.pools.lr_slot_of, self.adapters,
-               logit_cap=s.logit_cap, max_kv_len=self.ctx)
+               logit_cap=s.logit_cap, max_kv_len=self.ctx, num_kv_splits=num_kv_splits)
         return w
 
     def run_off(self, w: FlashLoRADecodeWrapper, v: torch.Tensor | None = None) -> torch.Tensor:
@@ -504,23 +510,33 @@ def extend_shape(shape: Shape, batch: int, ctx: int, ext: int, ranks: list[int],
     return res
 
 
-def sweep_decode(shape: Shape, rank: int) -> list[dict]:
-    """Stage-1 tile options at two shapes: bandwidth-bound (64 x 8k) and split-bound (1 x 32k)."""
+DECODE_TILES = ((32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2))
+
+
+def sweep_decode(shape: Shape, rank: int, cases: tuple[tuple[int, int], ...] = ((64, 8192), (1, 32768)),
+                 device: str = "cuda") -> list[dict]:
+    """Stage-1 options per (batch, context), by default bandwidth-bound (64 x 8k) and
+    split-bound (1 x 32k): tiles at the planned split count, then split counts around it
+    at the planned tiles."""
     rows = []
-    for batch, ctx in ((64, 8192), (1, 32768)):
-        d = DecodeBatch(shape, batch, ctx, [rank])
-        for block_n, warps, stages in ((32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2),
-                                       (64, 4, 3), (64, 8, 2), (128, 8, 2)):
-            cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
-            w = d.planned(cfg)
-            t_off = try_bench(f"{cfg} off", lambda: d.run_off(w), graph=True)
-            t_lr = try_bench(f"{cfg} lr", lambda: d.run_lr(w, rank), graph=True)
-            rows.append(dict(shape=shape.name, batch=batch, ctx=ctx, block_n=block_n,
-                             warps=warps, stages=stages, off=t_off, lr=t_lr))
-            print(f"sweep {shape.name} {batch}x{ctx} {cfg}: off {fmt(t_off, '.4f')} "
-                  f"lr{rank} {fmt(t_lr, '.4f')} ms", flush=True)
+    for batch, ctx in cases:
+        d = DecodeBatch(shape, batch, ctx, [rank], device)
+        planned = d.planned().num_kv_splits
+        options = [(DecodeConfig(block_n=n, num_warps=w, num_stages=st), None) for n, w, st in DECODE_TILES]
+        options += [(None, n) for n in sorted({max(1, planned // 2), 2 * planned, 4 * planned} - {planned})]
+        for cfg, splits in options:
+            w = d.planned(cfg, splits)
+            t_off = try_bench(f"{cfg} {splits} off", lambda: d.run_off(w), graph=True)
+            t_lr = try_bench(f"{cfg} {splits} lr", lambda: d.run_lr(w, rank), graph=True)
+            n_splits, tiles = w.splits_and_tiles(shape.window, DTYPE)
+            rows.append(dict(shape=shape.name, batch=batch, ctx=ctx, block_n=tiles.block_n,
+                             warps=tiles.num_warps, stages=tiles.num_stages, splits=n_splits,
+                             planned_splits=planned, off=t_off, lr=t_lr))
+            print(f"sweep {shape.name} {batch}x{ctx} {tiles} splits {n_splits} (planned {planned}): "
+                  f"off {fmt(t_off, '.4f')} lr{rank} {fmt(t_lr, '.4f')} ms", flush=True)
         del d
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

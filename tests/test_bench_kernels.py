@@ -35,3 +35,13 @@ def test_members_knob_sets_the_level_one_rows_and_refuses_fewer_than_two() -> No
     assert w.members_per_block == 8 and w._block_m == 32
     with pytest.raises(ValueError, match="at least 2 members"):
         FlashLoRACascadeDecodeWrapper(32, 8, 128, device="cpu", members=1)
+
+
+def test_sweep_decode_tries_every_tile_and_split_counts_around_the_plan(monkeypatch) -> None:
+    monkeypatch.setattr(bench_kernels, "bench", lambda fn, **kw: (fn(), 1.0)[1])
+    rows = bench_kernels.sweep_decode(TINY, 8, cases=((2, 64),), device="cpu")
+    planned = rows[0]["planned_splits"]
+    tiles = {(r["block_n"], r["warps"], r["stages"]) for r in rows if r["splits"] == planned}
+    assert tiles == set(bench_kernels.DECODE_TILES)
+    assert {r["splits"] for r in rows} == {planned, 2 * planned, 4 * planned} | {max(1, planned // 2)}
+    assert all(r["off"] == r["lr"] == 1.0 for r in rows)
