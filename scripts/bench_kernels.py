@@ -25,7 +25,8 @@ and one copy per adapter (base-shared), LR on and off, against our plain decode 
 current one), FlashInfer's two-level ``MultiLevelCascadeAttentionWrapper`` (LR off) and
 its plain batch decode (LR off); plus the per-step group search, and the bytes of K /
 V_base each reads. ``--part sweep-cascade``: level-1 options (members per program, tiles,
-chunk counts) for the same cases, each against the plain decode in the same run.
+chunk counts) for the same cases, each against the plain decode in the same run;
+``--part profile-cascade``: the plain and the cascade call of each case for ncu.
 
 Prints the tables last and writes every number to JSON (``--out``, default $OUT/...).
 """
@@ -606,6 +607,15 @@ def profile_extend(shape: Shape, batch: int, ctx: int, ext: int,
     return [e.run_off, lambda: e.run_lr(rank)]
 
 
+def profile_cascade(shape: Shape, forks: int, prefix: int, suffix: int,
+                    rank: int) -> list[Callable[[], object]]:
+    """The plain decode and the cascade (shared LR rows), LR on, over one fork case: ncu
+    then times level 1, level 2 and the combine as separate launches."""
+    fb = ForkBatch(shape, forks, prefix, suffix, [rank])
+    plain, cascade = fb.planned(False), fb.planned(True)
+    return [lambda: fb.run(plain, rank), lambda: fb.run(cascade, rank)]
+
+
 def profile(calls: list[Callable[[], object]]) -> None:
     """Run each call once warm, between cudaProfilerStart/Stop, for
     ``ncu --profile-from-start off`` (compilation and warm-up stay outside)."""
@@ -733,7 +743,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", default="all", choices=(
         "decode", "extend", "all", "sweep", "profile", "profile-extend", "cascade",
-        "sweep-cascade"))
+        "sweep-cascade", "profile-cascade"))
     ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 24, 64])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
@@ -750,6 +760,11 @@ def main() -> None:
         sys.exit("bench_kernels.py needs a CUDA GPU")
 
     shapes = [SHAPES[name] for name in args.shapes]
+    if args.part == "profile-cascade":
+        for shape in shapes:
+            for forks, prefix, suffix in map(fork_case, args.forks):
+                profile(profile_cascade(shape, forks, prefix, suffix, args.ranks[0]))
+        return
     if args.part in ("profile", "profile-extend"):
         for shape in shapes:
             for batch in args.batches:
