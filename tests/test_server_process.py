@@ -82,3 +82,13 @@ def test_the_router_gets_the_ports_the_workers_ended_up_on(tmp_path: Path, taken
         urls = {w.url for w in c.workers}
         assert f"http://127.0.0.1:{taken_first}" not in urls
         assert c.router is not None and c.router.healthy_workers() == urls
+
+
+def test_free_port_falls_back_to_any_port_when_the_ephemeral_range_starts_low(tmp_path: Path, monkeypatch):
+    """Hosts tuned for many connections set ip_local_port_range to 1024-65535."""
+    fake_range = tmp_path / "ip_local_port_range"
+    fake_range.write_text("1024\t65535\n")
+    monkeypatch.setattr(server_process, "LOCAL_PORT_RANGE", fake_range)
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))

@@ -29,6 +29,7 @@ LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # hangs in shutdown instead of exiting, so the log is the only quick sign.
 BIND_FAILED = "error while attempting to bind on address"
 START_ATTEMPTS = 3
+MIN_PORT = 10000
 
 
 class ServerError(RuntimeError):
@@ -47,16 +48,15 @@ def free_port() -> int:
     exactly that. Ports below the range are only ever taken by an explicit bind.
     """
     low = int(LOCAL_PORT_RANGE.read_text().split()[0]) if LOCAL_PORT_RANGE.exists() else 32768
-    rng = random.Random(os.urandom(8))
-    for _ in range(200):
-        port = rng.randrange(10000, low)
+    candidates = [0] if low < MIN_PORT + 1000 else random.Random(os.urandom(8)).sample(range(MIN_PORT, low), 200)
+    for port in candidates:  # [0]: the range starts too low to avoid; the start-up retry covers it
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise ServerError(f"no free TCP port on 127.0.0.1 in 10000..{low - 1}")
+            return sock.getsockname()[1]
+    raise ServerError(f"no free TCP port on 127.0.0.1 in {MIN_PORT}..{low - 1}")
 
 
 class ServerProcess:
