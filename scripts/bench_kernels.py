@@ -541,7 +541,11 @@ def sweep_decode(shape: Shape, rank: int, cases: tuple[tuple[int, int], ...] = (
     return rows
 
 
-CASCADE_TILES = ((32, 4, 2), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2))
+# (BLOCK_N, warps, stages, register cap): the default 64-row build (64/8/3) takes 174
+# registers, one block per SM; 32-token tiles under a 128 cap compile without spills and
+# fit two (kernels/NOTES.md item 9)
+CASCADE_TILES = ((32, 4, 3, None), (64, 4, 3, None), (64, 8, 3, None), (128, 8, 2, None),
+                 (32, 8, 3, 128), (32, 8, 2, 128), (64, 8, 3, 128))
 # An option whose output is further than this from the plain decode's (bf16: the cascade's
 # LSE merge alone differs by ~0.006) is wrong, whatever its speed.
 SWEEP_TOLERANCE = 0.02
@@ -550,7 +554,8 @@ SWEEP_TOLERANCE = 0.02
 def sweep_cascade(shape: Shape, forks: int, prefix: int, suffix: int, rank: int,
                   device: str = "cuda", dtype: torch.dtype = DTYPE, min_shared: int = 256) -> list[dict]:
     """Level-1 options for one fork case, LR on (``rank``, shared LR rows): members per
-    program x tiles at the wrapper's chunk count, then chunk counts at its default tiles.
+    program x tiles (and register caps) at the wrapper's chunk count, then chunk counts at
+    its default tiles.
     Each row: the time, ``x_plain`` (the plain decode's time in the same run over it) and
     the relative difference to the plain decode's output (a wrong option shows there)."""
     fb = ForkBatch(shape, forks, prefix, suffix, [rank], device, dtype, min_shared)
@@ -561,9 +566,9 @@ def sweep_cascade(shape: Shape, forks: int, prefix: int, suffix: int, rank: int,
     if not default.cascade:
         raise ValueError(f"{forks} x {prefix} forms no cascade group (min_shared {min_shared})")
     group = shape.n_qo // shape.n_kv
-    members = sorted({m for m in (2, 4, 8, 16) if group * m <= 64} | {default.members_per_block})
-    options = [dict(members=m, prefix_config=DecodeConfig(block_n=n, num_warps=w, num_stages=st))
-               for m in members for n, w, st in CASCADE_TILES]
+    members = sorted({m for m in (4, 8, 16) if group * m <= 64} | {default.members_per_block})
+    options = [dict(members=m, prefix_config=DecodeConfig(block_n=n, num_warps=w, num_stages=st, maxnreg=r))
+               for m in members for n, w, st, r in CASCADE_TILES]
     free_slots = default.max_kv_splits - default.num_kv_splits
     options += [dict(num_prefix_chunks=c) for c in (8, 16, 32, 64) if c <= free_slots]
     rows = []
@@ -572,7 +577,7 @@ def sweep_cascade(shape: Shape, forks: int, prefix: int, suffix: int, rank: int,
         cfg = opt.get("prefix_config")
         row = dict(shape=shape.name, forks=forks, prefix=prefix, suffix=suffix, rank=rank,
                    members=w.members_per_block, chunks=w.num_prefix_chunks,
-                   tiles=None if cfg is None else [cfg.block_n, cfg.num_warps, cfg.num_stages],
+                   tiles=None if cfg is None else [cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.maxnreg],
                    default=not opt, plain=t_plain)
         try:
             out = fb.run(w, rank).float()

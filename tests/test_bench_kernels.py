@@ -20,7 +20,8 @@ def test_sweep_cascade_runs_every_option_and_the_table_picks_the_fastest_correct
                                        dtype=torch.float32, min_shared=16)
     default = [r for r in rows if r["default"]]
     assert len(default) == 1 and default[0]["tiles"] is None
-    assert {r["members"] for r in rows} == {2, 4, 8, 16}
+    assert {r["members"] for r in rows} == {4, 8, 16}
+    assert {tuple(r["tiles"]) for r in rows if r["tiles"]} == set(bench_kernels.CASCADE_TILES)
     assert len({r["chunks"] for r in rows}) > 1
     assert all(r["rel_diff"] < 1e-5 for r in rows)
     # the first option timed is the fastest here; poison it to see the table skip it
