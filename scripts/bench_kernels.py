@@ -297,6 +297,11 @@ class ForkBatch:
         return w.run(self.q, self.k, self.v, *lr, out=self.out, window=self.shape.window)
 
 
+def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return (out.float() - ref).abs().max().item() / ref.abs().max().item()
+
+
 def cascade_shape(shape: Shape, forks: int, prefix: int, suffix: int, ranks: list[int], fi,
                   device: str = "cuda", dtype: torch.dtype = DTYPE, min_shared: int = 256) -> dict:
     """Our cascade decode against our plain decode and FlashInfer's (see the docstring)."""
@@ -315,7 +320,7 @@ def cascade_shape(shape: Shape, forks: int, prefix: int, suffix: int, ranks: lis
     diffs = []
     for cascade, reference in ((shared, plain), (per_adapter, fb.planned(False, False))):
         ref = fb.run(reference, ranks[0]).float().clone()
-        diffs.append((fb.run(cascade, ranks[0]).float() - ref).abs().max().item() / ref.abs().max().item())
+        diffs.append(max_rel_diff(fb.run(cascade, ranks[0]), ref))
     res["max_rel_diff"] = max(diffs)
     res["group_search_ms"] = bench(lambda: shared.find_groups(fb.kv_indptr, fb.kv_indices,
                                                               fb.lr_shared))
@@ -573,19 +578,19 @@ def sweep_cascade(shape: Shape, forks: int, prefix: int, suffix: int, rank: int,
     options += [dict(num_prefix_chunks=c) for c in (8, 16, 32, 64) if c <= free_slots]
     rows = []
     for opt in [{}, *options]:
-        w = fb.planned(True, **opt)
+        w = fb.planned(True, **opt) if opt else default
         cfg = opt.get("prefix_config")
         row = dict(shape=shape.name, forks=forks, prefix=prefix, suffix=suffix, rank=rank,
                    members=w.members_per_block, chunks=w.num_prefix_chunks,
                    tiles=None if cfg is None else [cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.maxnreg],
                    default=not opt, plain=t_plain)
         try:
-            out = fb.run(w, rank).float()
+            out = fb.run(w, rank)
         except Exception as exc:  # noqa: BLE001 (an option may not compile: spills, smem)
             logger.warning("cascade option %s failed: %s", opt, exc)
             rows.append(row)
             continue
-        row["rel_diff"] = (out - ref).abs().max().item() / ref.abs().max().item()
+        row["rel_diff"] = max_rel_diff(out, ref)
         row["ms"] = try_bench(f"cascade {opt}", lambda: fb.run(w, rank), graph=True)
         row["x_plain"] = None if row["ms"] is None else t_plain / row["ms"]
         rows.append(row)

@@ -122,8 +122,8 @@ class ServerProcess:
                 tail = self.log_tail()
                 self.stop()
                 raise ServerError(f"server exited with code {self.proc.returncode}:\n{tail}")
-            if BIND_FAILED in self.log_tail():
-                tail = self.log_tail()
+            tail = self.log_tail()
+            if BIND_FAILED in tail:
                 self.stop()
                 raise PortTaken(f"port {self.port} was taken before the server listened:\n{tail}")
             try:
